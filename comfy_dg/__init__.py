@@ -1,0 +1,15 @@
+"""comfy-dg: Discriminator Guidance (Kim et al., ICML 2023) for ComfyUI.
+
+Public API:
+    guide(model, discriminator, weight=1.0, start_percent=0.0, end_percent=1.0, **options) -> ModelPatcher
+    load_discriminator(path) -> Discriminator
+    save_discriminator(discriminator, path, training=None)
+"""
+from .discriminators import (Discriminator, DiscriminatorInfo, FeatureHeadDiscriminator, IncompatibleDiscriminator,
+                             StandaloneDiscriminator)
+from .files import DiscriminatorFileError, load_discriminator, save_discriminator
+from .guidance import DGOptions, guide
+
+__all__ = ["guide", "load_discriminator", "save_discriminator", "DGOptions", "Discriminator", "DiscriminatorInfo",
+           "StandaloneDiscriminator", "FeatureHeadDiscriminator", "DiscriminatorFileError",
+           "IncompatibleDiscriminator"]

@@ -1,0 +1,69 @@
+"""(b) features: a small trainable head on frozen features of the user's own diffusion network.
+
+This is the paper's design (a frozen noise-conditioned encoder + a small head); here the encoder is the
+diffusion model the user already has, bound at apply time, so the file holds only the head.
+"""
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .base import Discriminator, DiscriminatorInfo, IncompatibleDiscriminator
+from .layers import AttentionPool, ResBlock, SigmaMLP, group_norm
+from .taps import TAPS, find_tap
+
+
+class FeatureHeadDiscriminator(Discriminator):
+    architecture = "features"
+
+    def __init__(self, info: DiscriminatorInfo, tap: str = "unet_middle", feature_channels: int = 1280,
+                 diffusion_model: str = "UNetModel", width: int = 128, emb_dim: int = 128):
+        super().__init__(info)
+        if tap not in TAPS:
+            raise ValueError(f"comfy-dg: unknown feature tap {tap!r}; known: {', '.join(TAPS)}")
+        self.tap, self.feature_channels, self.diffusion_model = tap, feature_channels, diffusion_model
+        self.width, self.emb_dim = width, emb_dim
+        self.sigma_mlp = SigmaMLP(emb_dim)
+        self.norm_in = group_norm(feature_channels)
+        self.proj = nn.Conv2d(feature_channels, width, 1)
+        self.block = ResBlock(width, width, emb_dim)
+        self.norm_out = group_norm(width)
+        self.pool = AttentionPool(width)
+        self.out = nn.Linear(width, 1)
+
+    def config(self):
+        return {"tap": self.tap, "feature_channels": self.feature_channels,
+                "diffusion_model": self.diffusion_model, "width": self.width, "emb_dim": self.emb_dim}
+
+    def head(self, features: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        dtype = self.proj.weight.dtype
+        emb = self.sigma_mlp(sigma.to(dtype))
+        h = self.proj(self.norm_in(features.to(dtype)))
+        h = self.block(h, emb)
+        return self.out(self.pool(F.silu(self.norm_out(h)))).reshape(-1)
+
+    def check_compatible(self, base_model):
+        super().check_compatible(base_model)
+        dm = base_model.diffusion_model
+        tap = find_tap(dm)
+        kind = type(dm).__name__
+        if tap is None or tap.name != self.tap or kind != self.diffusion_model:
+            raise IncompatibleDiscriminator(
+                f"comfy-dg: this features discriminator reads the '{self.tap}' features of a {self.diffusion_model}, "
+                f"but the model's network is a {kind}. Use a discriminator trained on this model's own features "
+                "(or a standalone one).")
+        channels = tap.channels(base_model)
+        if channels != self.feature_channels:
+            raise IncompatibleDiscriminator(
+                f"comfy-dg: this features discriminator expects {self.feature_channels} feature channels from the "
+                f"{self.diffusion_model}'s '{self.tap}', but this model gives {channels}: it was trained for a "
+                "different model. Train one for this checkpoint.")
+
+    def bind(self, base_model):
+        tap = TAPS[self.tap]
+
+        def logit(x_in, sigma):
+            return self.head(tap.features(base_model, x_in, sigma), sigma)
+        return logit
+
+    def forward(self, features, sigma):
+        return self.head(features, sigma)

@@ -1,0 +1,158 @@
+"""Discriminator files: .safetensors with comfy-dg metadata. Nothing is ever unpickled.
+
+Metadata keys (all strings, as safetensors requires):
+    comfy_dg.format        "1"
+    comfy_dg.architecture  "standalone" | "features"
+    comfy_dg.config        JSON: the architecture's hyper-parameters
+    comfy_dg.info          JSON: latent_channels, model_family, sigma_min, sigma_max, training provenance
+"""
+import json
+import os
+import struct
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .discriminators import ARCHITECTURES, Discriminator, DiscriminatorInfo, build
+
+FORMAT_VERSION = "1"
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+class DiscriminatorFileError(ValueError):
+    def __init__(self, path, problem, fix):
+        self.path, self.problem, self.fix = str(path), problem, fix
+        super().__init__(f"comfy-dg: cannot load discriminator '{os.path.basename(str(path))}': {problem}. {fix}")
+
+
+def save_discriminator(discriminator: Discriminator, path, training: dict | None = None):
+    """Write the discriminator to `path` (.safetensors) atomically: a crash leaves any old file intact."""
+    path = str(path)
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"comfy-dg: discriminator files are .safetensors; got '{path}'")
+    info = discriminator.info
+    if training:
+        info.training = {**info.training, **training}
+    metadata = {
+        "comfy_dg.format": FORMAT_VERSION,
+        "comfy_dg.architecture": discriminator.architecture,
+        "comfy_dg.config": json.dumps(discriminator.config()),
+        "comfy_dg.info": json.dumps(info.to_dict()),
+    }
+    state = {k: v.detach().to("cpu").contiguous() for k, v in discriminator.state_dict().items()}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".comfy_dg-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def read_header(path) -> dict:
+    """The safetensors JSON header, read without trusting the sizes it claims."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise DiscriminatorFileError(path, "the file is shorter than a safetensors header (truncated or empty)",
+                                         "Download or save it again.")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or n > size - 8:
+            raise DiscriminatorFileError(path, f"its header claims {n} bytes but the file has {size - 8} after it "
+                                         "(not a safetensors file, or truncated)", "Download or save it again.")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DiscriminatorFileError(path, f"its safetensors header is not valid JSON ({e.__class__.__name__})",
+                                     "The file is damaged: download or save it again.") from None
+    if not isinstance(header, dict):
+        raise DiscriminatorFileError(path, "its safetensors header is not a JSON object", "Download or save it again.")
+    data_size = size - 8 - n
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offs = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+                and 0 <= offs[0] <= offs[1] <= data_size):
+            raise DiscriminatorFileError(path, f"tensor '{name}' points outside the file (truncated or damaged)",
+                                         "Download or save it again.")
+    return header
+
+
+def _metadata(path, header):
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or "comfy_dg.format" not in meta:
+        raise DiscriminatorFileError(path, "it has no comfy-dg metadata (it is some other safetensors file, "
+                                     "such as a model or LoRA)",
+                                     "Put only discriminators made by comfy-dg in models/discriminators.")
+    if meta["comfy_dg.format"] != FORMAT_VERSION:
+        raise DiscriminatorFileError(path, f"it is in comfy-dg file format {meta['comfy_dg.format']!r}; this "
+                                     f"version reads format {FORMAT_VERSION}", "Update comfy-dg.")
+    arch = meta.get("comfy_dg.architecture")
+    if arch not in ARCHITECTURES:
+        raise DiscriminatorFileError(path, f"its architecture {arch!r} is unknown (known: {', '.join(ARCHITECTURES)})",
+                                     "Update comfy-dg, or re-train the discriminator.")
+    try:
+        config = json.loads(meta.get("comfy_dg.config", ""))
+        info = DiscriminatorInfo.from_dict(json.loads(meta.get("comfy_dg.info", "")))
+        if not isinstance(config, dict):
+            raise TypeError("config is not an object")
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise DiscriminatorFileError(path, f"its comfy-dg metadata is malformed ({e})",
+                                     "Save or download the file again.") from None
+    return arch, config, info
+
+
+def load_discriminator(path, device="cpu") -> Discriminator:
+    """Read a discriminator file, check every tensor against the declared architecture, build it."""
+    path = str(path)
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise DiscriminatorFileError(path, "it is a pickle-based file, and unpickling a file can run any code "
+                                     "hidden in it, so comfy-dg never opens those",
+                                     "Convert it to .safetensors where it was made (comfy_dg.save_discriminator), "
+                                     "or ask its author for the .safetensors version.")
+    if not path.lower().endswith(".safetensors"):
+        raise DiscriminatorFileError(path, "only .safetensors discriminator files are read",
+                                     "Save it as .safetensors.")
+    if not os.path.isfile(path):
+        raise DiscriminatorFileError(path, "no such file", "Put the file in models/discriminators.")
+    header = read_header(path)
+    arch, config, info = _metadata(path, header)
+    with torch.inference_mode(False):   # parameters made here must later be usable by autograd
+        try:
+            with torch.device("meta"):
+                expected = build(arch, info, config).state_dict()
+        except (TypeError, ValueError) as e:
+            raise DiscriminatorFileError(path, f"its {arch} hyper-parameters are invalid ({e})",
+                                         "Re-train or re-save the discriminator.") from None
+        found = {k: v for k, v in header.items() if k != "__metadata__"}
+        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        if missing or extra:
+            raise DiscriminatorFileError(path, f"its tensors do not match the {arch} architecture it declares "
+                                         f"(missing: {missing[:5]}, unexpected: {extra[:5]})",
+                                         "The file is damaged or was edited: re-train or re-save it.")
+        for k, t in expected.items():
+            entry = found[k]
+            if entry.get("dtype") not in DTYPES or list(entry.get("shape", [])) != list(t.shape):
+                raise DiscriminatorFileError(path, f"tensor '{k}' is {entry.get('dtype')} {entry.get('shape')}, "
+                                             f"but the declared {arch} architecture needs a float tensor of shape "
+                                             f"{list(t.shape)}", "The file is damaged or was edited: re-train it.")
+        state = load_file(path, device="cpu")
+        bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise DiscriminatorFileError(path, f"tensors {bad[:5]} hold NaN or infinite weights",
+                                         "The training diverged or the file is damaged: re-train it.")
+        disc = build(arch, info, config)
+        disc.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+        disc.requires_grad_(False).eval()
+        return disc.to(device)

@@ -1,0 +1,93 @@
+"""Which model evaluations are the first of their sampler step.
+
+The official DG code guides only the first (Euler) evaluation of each Heun step. ComfyUI does not tell a
+model patch which evaluation of a step it is in, but every k-diffusion sampler in ComfyUI calls its progress
+callback right after the first evaluation of step i. So after callback i, a sampler runs a known number
+of intermediate evaluations of step i (0 for one-evaluation samplers, 1 for heun, dpm_2, ...) before the
+first evaluation of step i+1. The table below gives that number per sampler, as a function of i and the
+σ schedule; each run checks it against the callbacks and falls back to "every evaluation" with a warning
+when the sampler does something else.
+"""
+import logging
+
+log = logging.getLogger("comfy_dg")
+
+
+def _one_unless_last(i, sigmas):
+    return 0 if float(sigmas[i + 1]) == 0.0 else 1
+
+
+def _heunpp2(i, sigmas):
+    end = float(sigmas[-1])
+    if float(sigmas[i + 1]) == end:
+        return 0
+    return 1 if float(sigmas[i + 2]) == end else 2
+
+
+# Intermediate evaluations after callback i, by sampler function name. Absent names: 0 (one evaluation
+# per step), checked at run time.
+INTERMEDIATE_EVALUATIONS = {
+    "sample_heun": _one_unless_last,
+    "sample_heunpp2": _heunpp2,
+    "sample_dpm_2": _one_unless_last,
+    "sample_dpm_2_ancestral": _one_unless_last,
+    "sample_dpm_2_ancestral_RF": _one_unless_last,
+    "sample_dpmpp_2s_ancestral": _one_unless_last,
+    "sample_dpmpp_2s_ancestral_RF": _one_unless_last,
+    "sample_dpmpp_2s_ancestral_cfg_pp": _one_unless_last,
+    "sample_dpmpp_sde": _one_unless_last,
+    "sample_dpmpp_sde_gpu": _one_unless_last,
+    "sample_seeds_2": _one_unless_last,
+    "sample_seeds_3": lambda i, sigmas: 0 if float(sigmas[i + 1]) == 0.0 else 2,
+    "sample_sa_solver_pece": lambda i, sigmas: 0 if i == 0 else 1,
+}
+
+# Samplers whose evaluations do not follow the σ schedule (DPM-Solver's adaptive and fast variants pick
+# their own points): there is no "first evaluation of a step" to find, so DG is applied at every one.
+CANNOT_TELL = {"dpm_fast_function", "dpm_adaptive_function", "sample_dpm_fast", "sample_dpm_adaptive"}
+
+
+def sampler_name(sampler) -> str:
+    fn = getattr(sampler, "sampler_function", None)
+    return getattr(fn, "__name__", None) or type(sampler).__name__
+
+
+class StepTracker:
+    """Follows one sampling run: on_evaluation() says whether to guide, on_callback(i) checks the count."""
+
+    def __init__(self, name: str, sigmas):
+        self.name = name
+        self.sigmas = [float(s) for s in sigmas]
+        self.intermediate = INTERMEDIATE_EVALUATIONS.get(name, lambda i, s: 0)
+        self.every_evaluation = name in CANNOT_TELL
+        if self.every_evaluation:
+            self._give_up("its evaluation points do not follow the step schedule")
+        self.to_skip = 0
+        self.firsts_since_callback = 0
+        self.last_was_first = False
+
+    def _give_up(self, why: str):
+        self.every_evaluation = True
+        log.warning("comfy-dg: 'first evaluation only' cannot tell the steps of sampler %s (%s); "
+                    "discriminator guidance is applied at every model evaluation of this run.", self.name, why)
+
+    def on_evaluation(self) -> bool:
+        if self.every_evaluation:
+            return True
+        if self.to_skip > 0:
+            self.to_skip -= 1
+            self.last_was_first = False
+            return False
+        self.firsts_since_callback += 1
+        self.last_was_first = True
+        return True
+
+    def on_callback(self, i: int):
+        if self.every_evaluation:
+            return
+        # Every sampler in the table calls back right after the first evaluation of step i.
+        if self.to_skip or not self.last_was_first or self.firsts_since_callback != 1:
+            self._give_up("its callbacks do not follow one evaluation per step plus the known intermediates")
+            return
+        self.firsts_since_callback = 0
+        self.to_skip = self.intermediate(i, self.sigmas) if i + 1 < len(self.sigmas) else 0
