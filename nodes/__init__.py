@@ -1,0 +1,12 @@
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .guide import DiscriminatorGuidance
+from .load import LoadDiscriminator
+
+
+class DiscriminatorGuidanceExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoadDiscriminator, DiscriminatorGuidance]

@@ -1,0 +1,43 @@
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..comfy_dg.files import load_discriminator
+from .types import Discriminator
+
+FOLDER = "discriminators"
+
+
+def safe_path(name: str) -> str:
+    """The full path of a listed discriminator; names that climb out of the folder are refused."""
+    if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(f"comfy-dg: discriminator name '{name}' points outside models/{FOLDER}; choose a file "
+                         "from the list.")
+    path = folder_paths.get_full_path(FOLDER, name)
+    if path is None:
+        raise ValueError(f"comfy-dg: discriminator '{name}' is not in models/{FOLDER} "
+                         f"(folders searched: {folder_paths.get_folder_paths(FOLDER)}). Put the file there and "
+                         "press R in the UI to refresh the list.")
+    return path
+
+
+class LoadDiscriminator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoadDiscriminator",
+            display_name="Load Discriminator",
+            category="model_patches/discriminator_guidance",
+            description="Loads a discriminator (.safetensors made by comfy-dg) from models/discriminators, for "
+                        "Discriminator Guidance. Pickle files (.pt/.ckpt) are refused: they can run code.",
+            inputs=[
+                io.Combo.Input("discriminator_name", options=folder_paths.get_filename_list(FOLDER),
+                               tooltip="A file in models/discriminators."),
+            ],
+            outputs=[Discriminator.Output(tooltip="The discriminator d(x, σ), for Discriminator Guidance.")],
+        )
+
+    @classmethod
+    def execute(cls, discriminator_name) -> io.NodeOutput:
+        return io.NodeOutput(load_discriminator(safe_path(discriminator_name)))

@@ -1,0 +1,3 @@
+from comfy_api.latest import io
+
+Discriminator = io.Custom("DISCRIMINATOR")

@@ -1,0 +1,114 @@
+"""Theorem 1, exactly: with the true density ratio as discriminator and w = 1, the guided denoiser of a wrong
+model is the data's posterior mean. The model's denoiser is installed on a real ComfyUI model and evaluated
+through ComfyUI's own sampling path (CFGGuider → sampling_function → post-CFG hooks), in float64."""
+import pytest
+import torch
+
+import comfy.samplers
+from comfy_dg import guide
+from comfy_dg.guidance import LOGIT_MAX
+from comfy_dg.tiny import tiny_model
+from gmm import GaussianMixture
+
+SHAPE = (4, 2, 2)
+DIM = 16
+SIGMAS = {"EPS": [14.0, 5.0, 2.0, 1.0, 0.5, 0.2, 0.05], "V_PREDICTION": [10.0, 3.0, 1.0, 0.3, 0.05],
+          "EDM": [40.0, 5.0, 1.0, 0.2, 0.05], "FLOW": [0.9, 0.7, 0.5, 0.3, 0.1, 0.02]}
+DATA = GaussianMixture.random(3, DIM, seed=1)
+# The model: the data's mixture with shifted means, other spreads and weights (wrong, but not absurdly so).
+_OTHER = GaussianMixture.random(3, DIM, seed=2)
+MODEL = GaussianMixture(DATA.means + 0.3 * _OTHER.means, _OTHER.stds, _OTHER.weights)
+
+
+def alpha_of(model_type, sigma):
+    # Written out per type here, independently of comfy_dg.parameterization, which it checks.
+    return 1.0 - sigma if model_type == "FLOW" else torch.ones_like(sigma)
+
+
+class ExactRatio(torch.nn.Module):
+    """log r = log p_data,σ(x) − log p_model,σ(x), seen through the network's input scaling x_in = c_in·x."""
+
+    def __init__(self, model_sampling, model_type):
+        super().__init__()
+        self.ms, self.model_type = model_sampling, model_type
+
+    def forward(self, x_in, sigma):
+        c_in = self.ms.calculate_input(sigma, torch.ones_like(x_in))
+        x = (x_in / c_in).flatten(1)
+        a = alpha_of(self.model_type, sigma)
+        return DATA.log_density(x, sigma, a) - MODEL.log_density(x, sigma, a)
+
+
+def probe_sampler(points, record):
+    """A KSAMPLER function that evaluates the model at fixed (x, σ) points and records what it returns."""
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        for sigma, xs in points:
+            s = torch.full((xs.shape[0],), sigma, dtype=torch.float64)
+            record.append((sigma, xs, model(xs.reshape(-1, *SHAPE), s, **extra_args).reshape(xs.shape[0], -1)))
+        return x
+    return comfy.samplers.KSAMPLER(sample)
+
+
+def evaluate(model_patcher, points, cfg):
+    guider = comfy.samplers.CFGGuider(model_patcher)
+    pos = [[torch.zeros(1, 1, 32), {}]]
+    guider.set_conds(pos, pos)
+    guider.set_cfg(cfg)
+    record = []
+    noise = torch.zeros(points[0][1].shape[0], *SHAPE, dtype=torch.float64)
+    with torch.inference_mode():
+        guider.sample(noise, torch.zeros_like(noise), probe_sampler(points, record),
+                      torch.tensor([1.0, 0.0], dtype=torch.float64), disable_pbar=True, seed=0)
+    return record
+
+
+def analytic_model(model_type):
+    m = tiny_model(model_type)
+
+    def denoiser(apply_model, args):
+        x, sigma = args["input"], args["timestep"]
+        xd = x.to(torch.float64).flatten(1)
+        return MODEL.posterior_mean(xd, sigma.to(torch.float64), alpha_of(model_type, sigma)).reshape(x.shape)
+    m.set_model_unet_function_wrapper(denoiser)
+    return m
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+@pytest.mark.parametrize("model_type", ["EPS", "V_PREDICTION", "EDM", "FLOW"])
+def test_guided_denoiser_is_data_posterior_mean(model_type, cfg):
+    m = analytic_model(model_type)
+    points = []
+    for i, sigma in enumerate(SIGMAS[model_type]):
+        s = torch.full((6,), sigma, dtype=torch.float64)
+        points.append((sigma, MODEL.sample_noisy(6, s, alpha_of(model_type, s), seed=10 + i)))
+    ms = m.model.model_sampling
+    guided = evaluate(guide(m, ExactRatio(ms, model_type), weight=1.0), points, cfg)
+    plain = evaluate(m, points, cfg)
+    checked = 0
+    for (sigma, x, d_guided), (_, _, d_plain) in zip(guided, plain):
+        s = torch.full((x.shape[0],), sigma, dtype=torch.float64)
+        a = alpha_of(model_type, s)
+        target = DATA.posterior_mean(x, s, a)
+        # d is clipped to [1e-5, 1 − 1e-5]: where the true ratio is beyond that, no correction is applied.
+        inside = (DATA.log_density(x, s, a) - MODEL.log_density(x, s, a)).abs() < LOGIT_MAX
+        rel = (d_guided - target).norm(dim=1) / target.norm(dim=1)
+        rel_plain = (d_plain - target).norm(dim=1) / target.norm(dim=1)
+        if inside.any():
+            assert rel[inside].max() <= 1e-5, f"{model_type} σ={sigma}: relative error {rel[inside].max():.2e}"
+            # The model really is wrong there, so the test could fail.
+            assert rel_plain[inside].min() > 1e-4, f"{model_type} σ={sigma}: the model is already right"
+        assert torch.equal(d_guided[~inside], d_plain[~inside])
+        assert d_guided.dtype == torch.float64
+        checked += int(inside.sum())
+    assert checked >= 0.8 * sum(p[1].shape[0] for p in points)
+
+
+def test_weight_scales_the_correction_linearly():
+    m = analytic_model("EPS")
+    s = torch.full((4,), 1.0, dtype=torch.float64)
+    points = [(1.0, MODEL.sample_noisy(4, s, s * 0 + 1, seed=3))]
+    ms = m.model.model_sampling
+    plain = evaluate(m, points, 1.0)[0][2]
+    d1 = evaluate(guide(m, ExactRatio(ms, "EPS"), weight=1.0), points, 1.0)[0][2]
+    d3 = evaluate(guide(m, ExactRatio(ms, "EPS"), weight=3.0), points, 1.0)[0][2]
+    torch.testing.assert_close(d3 - plain, 3 * (d1 - plain), rtol=1e-9, atol=1e-12)
