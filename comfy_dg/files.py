@@ -6,6 +6,7 @@ Metadata keys (all strings, as safetensors requires):
     comfy_dg.config        JSON: the architecture's hyper-parameters
     comfy_dg.info          JSON: latent_channels, model_family, sigma_min, sigma_max, training provenance
 """
+import dataclasses
 import json
 import os
 import struct
@@ -33,9 +34,7 @@ def save_discriminator(discriminator: Discriminator, path, training: dict | None
     path = str(path)
     if not path.endswith(".safetensors"):
         raise ValueError(f"comfy-dg: discriminator files are .safetensors; got '{path}'")
-    info = discriminator.info
-    if training:
-        info.training = {**info.training, **training}
+    info = dataclasses.replace(discriminator.info, training={**discriminator.info.training, **(training or {})})
     metadata = {
         "comfy_dg.format": FORMAT_VERSION,
         "comfy_dg.architecture": discriminator.architecture,
@@ -49,6 +48,11 @@ def save_discriminator(discriminator: Discriminator, path, training: dict | None
     os.close(fd)
     try:
         save_file(state, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)        # mkstemp makes 0600; a saved file follows the umask
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -132,7 +136,7 @@ def load_discriminator(path, device="cpu") -> Discriminator:
         try:
             with torch.device("meta"):
                 expected = build(arch, info, config).state_dict()
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RuntimeError) as e:
             raise DiscriminatorFileError(path, f"its {arch} hyper-parameters are invalid ({e})",
                                          "Re-train or re-save the discriminator.") from None
         found = {k: v for k, v in header.items() if k != "__metadata__"}
@@ -147,12 +151,17 @@ def load_discriminator(path, device="cpu") -> Discriminator:
                 raise DiscriminatorFileError(path, f"tensor '{k}' is {entry.get('dtype')} {entry.get('shape')}, "
                                              f"but the declared {arch} architecture needs a float tensor of shape "
                                              f"{list(t.shape)}", "The file is damaged or was edited: re-train it.")
-        state = load_file(path, device="cpu")
+        try:
+            state = load_file(path, device="cpu")
+        except Exception as e:   # safetensors' own errors: offsets that do not fit shapes, bad metadata
+            raise DiscriminatorFileError(path, f"safetensors could not read its tensors ({e})",
+                                         "The file is damaged: download or save it again.") from None
+        state = {k: v.to(torch.float32) for k, v in state.items()}
         bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
         if bad:
             raise DiscriminatorFileError(path, f"tensors {bad[:5]} hold NaN or infinite weights",
                                          "The training diverged or the file is damaged: re-train it.")
         disc = build(arch, info, config)
-        disc.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+        disc.load_state_dict(state)
         disc.requires_grad_(False).eval()
         return disc.to(device)

@@ -32,7 +32,22 @@ def _init_weights(module: torch.nn.Module, seed: int):
             p.data.zero_()
 
 
-def tiny_model(model_type: str = "EPS", seed: int = 0, family: str = "SD15", state_dict=None, **unet_kwargs):
+def _pooled_vector_model():
+    import comfy.model_base
+
+    class PooledVectorModel(comfy.model_base.BaseModel):
+        """Feeds the conditioning's pooled_output to the UNet as its `y` vector, as SDXL does (without
+        SDXL's size embeddings), when the config asks for one."""
+
+        def encode_adm(self, **kwargs):
+            if not self.model_config.unet_config.get("adm_in_channels"):
+                return None
+            return kwargs.get("pooled_output")
+    return PooledVectorModel
+
+
+def tiny_model(model_type: str = "EPS", seed: int = 0, family: str = "SD15", state_dict=None,
+               dtype=torch.float32, **unet_kwargs):
     """A ModelPatcher around a real comfy.model_base.BaseModel with ComfyUI's SD1.5 UNet at a tiny size.
 
     family picks the latent format ("SD15": 4 channels; "SDXL": 4 channels and a pooled `y` input;
@@ -53,15 +68,17 @@ def tiny_model(model_type: str = "EPS", seed: int = 0, family: str = "SD15", sta
         latent_format = getattr(comfy.latent_formats, family)
         sampling_settings = {"shift": 3.0} if model_type == "FLOW" else {}
 
+    _PooledVectorModel = _pooled_vector_model()
     with torch.inference_mode(False):
         config = TinyConfig(cfg)
-        config.set_inference_dtype(torch.float32, None)
+        config.set_inference_dtype(dtype, None)
         mt = getattr(comfy.model_base.ModelType, model_type)
-        model = comfy.model_base.BaseModel(config, model_type=mt, device="cpu")
+        model = _PooledVectorModel(config, model_type=mt, device="cpu")
         if state_dict is None:
             _init_weights(model.diffusion_model, seed)
         else:
             model.diffusion_model.load_state_dict(state_dict)
+        model.diffusion_model.to(dtype)
         model.eval()
     load = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))

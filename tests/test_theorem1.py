@@ -4,11 +4,11 @@ through ComfyUI's own sampling path (CFGGuider → sampling_function → post-CF
 import pytest
 import torch
 
-import comfy.samplers
 from comfy_dg import guide
 from comfy_dg.guidance import LOGIT_MAX
 from comfy_dg.tiny import tiny_model
 from gmm import GaussianMixture
+from probe import evaluate as probe_evaluate
 
 SHAPE = (4, 2, 2)
 DIM = 16
@@ -39,27 +39,10 @@ class ExactRatio(torch.nn.Module):
         return DATA.log_density(x, sigma, a) - MODEL.log_density(x, sigma, a)
 
 
-def probe_sampler(points, record):
-    """A KSAMPLER function that evaluates the model at fixed (x, σ) points and records what it returns."""
-    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        for sigma, xs in points:
-            s = torch.full((xs.shape[0],), sigma, dtype=torch.float64)
-            record.append((sigma, xs, model(xs.reshape(-1, *SHAPE), s, **extra_args).reshape(xs.shape[0], -1)))
-        return x
-    return comfy.samplers.KSAMPLER(sample)
-
-
 def evaluate(model_patcher, points, cfg):
-    guider = comfy.samplers.CFGGuider(model_patcher)
-    pos = [[torch.zeros(1, 1, 32), {}]]
-    guider.set_conds(pos, pos)
-    guider.set_cfg(cfg)
-    record = []
-    noise = torch.zeros(points[0][1].shape[0], *SHAPE, dtype=torch.float64)
-    with torch.inference_mode():
-        guider.sample(noise, torch.zeros_like(noise), probe_sampler(points, record),
-                      torch.tensor([1.0, 0.0], dtype=torch.float64), disable_pbar=True, seed=0)
-    return record
+    shaped = [(sigma, x.reshape(-1, *SHAPE)) for sigma, x in points]
+    return [(sigma, x.reshape(x.shape[0], -1), d.reshape(d.shape[0], -1))
+            for sigma, x, d in probe_evaluate(model_patcher, shaped, cfg)]
 
 
 def analytic_model(model_type):

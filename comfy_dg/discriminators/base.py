@@ -25,10 +25,17 @@ class DiscriminatorInfo:
 
     @classmethod
     def from_dict(cls, d):
+        if not isinstance(d, dict):
+            raise TypeError("info is not an object")
         d = dict(d)
         if d.get("sigma_max") is None:
             d["sigma_max"] = float("inf")
-        return cls(**d)
+        info = cls(**d)
+        if not (isinstance(info.latent_channels, int) and info.latent_channels > 0 and isinstance(info.model_family, str)
+                and all(isinstance(v, (int, float)) for v in (info.sigma_min, info.sigma_max))
+                and isinstance(info.training, dict)):
+            raise TypeError("info fields have the wrong types")
+        return info
 
 
 def model_family(base_model) -> str:
