@@ -77,6 +77,14 @@ def header_length(path):
         return struct.unpack("<Q", f.read(8))[0]
 
 
+def raw_contents(path):
+    """(header dict, tensor data bytes) of a safetensors file, to edit below the level safetensors checks."""
+    n = header_length(path)
+    with open(path, "rb") as f:
+        f.seek(8)
+        return json.loads(f.read(n)), f.read()
+
+
 def refusal(path):
     """The DiscriminatorFileError load_discriminator raises for `path`, checked for the parts every one has."""
     with pytest.raises(DiscriminatorFileError) as caught:
@@ -127,6 +135,18 @@ def test_round_trip(tmp_path, architecture):
     assert json.loads(metadata["comfy_dg.info"])["training"] == {**PROVENANCE, **TRAINING}
 
 
+def test_save_leaves_the_discriminator_info_alone(tmp_path):
+    """`training` goes into the file only: the discriminator keeps its own provenance, so saving it again with
+    other training details does not carry the first save's over."""
+    d = make_discriminator("standalone")
+    save_discriminator(d, tmp_path / "first.safetensors", training=TRAINING)
+    assert d.info.training == PROVENANCE
+    save_discriminator(d, tmp_path / "second.safetensors", training={"steps": 20})
+    assert d.info.training == PROVENANCE
+    assert load_discriminator(tmp_path / "first.safetensors").info.training == {**PROVENANCE, **TRAINING}
+    assert load_discriminator(tmp_path / "second.safetensors").info.training == {**PROVENANCE, "steps": 20}
+
+
 def test_save_refuses_other_suffixes(tmp_path):
     with pytest.raises(ValueError, match=r"\.safetensors"):
         save_discriminator(make_discriminator("standalone"), tmp_path / "d.pt")
@@ -156,6 +176,18 @@ def test_failed_save_leaves_old_file_and_no_temp_file(tmp_path, monkeypatch):
         assert f.read() == before
     assert os.listdir(tmp_path) == ["d.safetensors"]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".comfy_dg-")]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes and umask are POSIX")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_saved_file_follows_umask(tmp_path, umask, mode):
+    """The temporary file is made 0600 by mkstemp; the saved file gets the mode any new file would get."""
+    old = os.umask(umask)
+    try:
+        path = saved(tmp_path)
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == mode
 
 
 # ---------------------------------------------------------------------------------------------------- refusals
@@ -281,9 +313,59 @@ def poke(value):
     return change
 
 
+def set_config(**fields):
+    def change(metadata):
+        metadata["comfy_dg.config"] = json.dumps({**json.loads(metadata["comfy_dg.config"]), **fields})
+    return change
+
+
+def set_info(**fields):
+    def change(metadata):
+        metadata["comfy_dg.info"] = json.dumps({**json.loads(metadata["comfy_dg.info"]), **fields})
+    return change
+
+
 def relabel_as_features(metadata):
     metadata["comfy_dg.architecture"] = "features"
     metadata["comfy_dg.config"] = json.dumps(make_discriminator("features").config())
+
+
+def raw_edited(change_header=None):
+    """A builder: a real file whose JSON header is edited in ways safetensors' own writer would never produce,
+    written back byte for byte with the original tensor data. The tensor offsets all stay inside the file."""
+    def build(folder):
+        path = saved(folder, name="raw.safetensors")
+        header, data = raw_contents(path)
+        if change_header:
+            change_header(header)
+        return write_raw(path, json.dumps(header).encode(), data)
+    return build
+
+
+def set_dtype(name, dtype):
+    def change(header):
+        header[name]["dtype"] = dtype
+    return change
+
+
+def shorten(header):
+    """The last tensor's data ends 4 bytes early, leaving 4 bytes of the file that no tensor claims."""
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    header[last]["data_offsets"][1] -= 4
+
+
+def share_data(name, other):
+    """Tensor `name` points at the same bytes as `other` (same dtype and shape), overlapping it."""
+    def change(header):
+        assert header[name]["shape"] == header[other]["shape"] and header[name]["dtype"] == header[other]["dtype"]
+        header[name]["data_offsets"] = list(header[other]["data_offsets"])
+    return change
+
+
+def set_raw_meta(key, value):
+    def change(header):
+        header["__metadata__"][key] = value
+    return change
 
 
 def missing_file(folder):
@@ -314,6 +396,12 @@ REFUSED = {
                       "metadata is malformed"),
     "config-unknown-key": (edited(change_metadata=set_meta("comfy_dg.config", '{"depth": 3}')),
                            "hyper-parameters are invalid"),
+    "config-negative-width": (edited(change_metadata=set_config(width=-1)), "hyper-parameters are invalid"),
+    "features-negative-width": (edited(change_metadata=set_config(width=-1), architecture="features"),
+                                "hyper-parameters are invalid"),
+    "info-sigma_max-string": (edited(change_metadata=set_info(sigma_max="x")), "metadata is malformed"),
+    "info-training-number": (edited(change_metadata=set_info(training=5)), "metadata is malformed"),
+    "info-latent_channels-string": (edited(change_metadata=set_info(latent_channels="4")), "metadata is malformed"),
     "missing-tensor": (edited(change_tensors=remove_tensor), "missing: ['out.weight']"),
     "extra-tensor": (edited(change_tensors=add_tensor), "unexpected: ['extra.weight']"),
     "wrong-shape": (edited(change_tensors=replace_tensor("out.weight", lambda t: torch.zeros(1, t.shape[1] + 1))),
@@ -324,6 +412,13 @@ REFUSED = {
                     "['conv_in.weight'] hold NaN or infinite"),
     "inf-weights": (edited(change_tensors=replace_tensor("out.weight", poke(float("-inf")))),
                     "['out.weight'] hold NaN or infinite"),
+    "f64-beyond-float32": (edited(change_tensors=replace_tensor("conv_in.weight", lambda t: t.double() * 1e300)),
+                           "['conv_in.weight'] hold NaN or infinite"),
+    "dtype-does-not-fit-data": (raw_edited(set_dtype("conv_in.weight", "F16")), "could not read its tensors"),
+    "data-shorter-than-shape": (raw_edited(shorten), "could not read its tensors"),
+    "overlapping-tensors": (raw_edited(share_data("conv_in.bias", "sigma_mlp.net.0.bias")),
+                            "could not read its tensors"),
+    "metadata-value-not-string": (raw_edited(set_raw_meta("comfy_dg.note", 5)), "could not read its tensors"),
     "architecture-lie": (edited(change_metadata=relabel_as_features),
                          "do not match the features architecture"),
     "does-not-exist": (missing_file, "no such file"),
@@ -338,9 +433,18 @@ def test_refused_files(tmp_path, build, expected):
     assert expected in err.problem
 
 
-def test_edited_file_is_loadable_before_the_edit(tmp_path):
-    """Control for the edited() cases: re-writing a real file's tensors and metadata unchanged still loads."""
-    path = edited()(str(tmp_path))
+CONTROLS = {
+    "edited-unchanged": edited(),
+    "raw-edited-unchanged": raw_edited(),
+    "f64-within-float32": edited(change_tensors=replace_tensor("conv_in.weight", lambda t: t.double())),
+}
+
+
+@pytest.mark.parametrize("build", CONTROLS.values(), ids=CONTROLS.keys())
+def test_edited_file_is_loadable_before_the_edit(tmp_path, build):
+    """Controls for the edited() and raw_edited() cases: re-writing a real file's tensors and metadata (or its
+    header bytes) unchanged still loads, and so do float64 weights that float32 can hold."""
+    path = build(str(tmp_path))
     assert isinstance(load_discriminator(path), StandaloneDiscriminator)
 
 

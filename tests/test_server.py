@@ -1,0 +1,122 @@
+"""The pack inside a real ComfyUI server: nodes registered, prompts validated and run under the executor."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import nodes as comfy_nodes
+from comfy_dg import DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator, guide
+from comfy_dg import load_discriminator, save_discriminator
+from comfy_dg.discriminators.taps import UNetMiddle
+from comfy_dg.tiny import empty_conditioning, tiny_model
+from conftest import COMFYUI
+from comfy_server import ComfyServer
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("comfy"))
+    srv = ComfyServer(COMFYUI, base)
+    folder = os.path.join(base, "models", "discriminators")
+    torch.manual_seed(0)
+    info = DiscriminatorInfo(4, "SD15")
+    save_discriminator(StandaloneDiscriminator(info, width=16, levels=2, emb_dim=32),
+                       os.path.join(folder, "standalone.safetensors"))
+    m = tiny_model("EPS", seed=0)
+    save_discriminator(FeatureHeadDiscriminator(info, feature_channels=UNetMiddle.channels(m.model), width=32),
+                       os.path.join(folder, "sub", "features.safetensors"))
+    with open(os.path.join(folder, "legacy.pt"), "wb") as f:
+        f.write(b"\x80\x04K\x01.")   # a (harmless) pickle
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def graph(disc="standalone.safetensors", weight=2.0, start=0.0, end=1.0, sampler="heun", prefix="dg",
+          model_type="EPS", first=False):
+    return {
+        "1": {"class_type": "DGTestTinyModel", "inputs": {"seed": 0, "model_type": model_type, "family": "SD15"}},
+        "2": {"class_type": "LoadDiscriminator", "inputs": {"discriminator_name": disc}},
+        "3": {"class_type": "DiscriminatorGuidance",
+              "inputs": {"model": ["1", 0], "discriminator": ["2", 0], "weight": weight, "start_percent": start,
+                         "end_percent": end, "schedule": "constant", "boost": 1.0, "first_evaluation_only": first}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "5": {"class_type": "KSampler",
+              "inputs": {"model": ["3", 0], "seed": 11, "steps": 5, "cfg": 3.0, "sampler_name": sampler,
+                         "scheduler": "normal", "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["4", 0],
+                         "denoise": 1.0}},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": prefix}},
+    }
+
+
+def saved_latent(server, hist):
+    out = hist["outputs"]["6"]["latents"][0]
+    path = os.path.join(server.base, "output", out["subfolder"], out["filename"])
+    return load_file(path)["latent_tensor"]
+
+
+def in_process(disc_path, weight, sampler, first, model_type="EPS"):
+    m = tiny_model(model_type, seed=0)
+    pos, neg = empty_conditioning(m)
+    with torch.inference_mode():
+        g = guide(m, load_discriminator(disc_path), weight=weight, first_evaluation_only=first)
+        (out,) = comfy_nodes.KSampler().sample(g, 11, 5, 3.0, sampler, "normal", pos, neg,
+                                               {"samples": torch.zeros(2, 4, 8, 8)})
+    return out["samples"]
+
+
+def test_nodes_are_registered_with_tooltips(server):
+    info = server.get("/object_info")
+    load, apply = info["LoadDiscriminator"], info["DiscriminatorGuidance"]
+    spec = load["input"]["required"]["discriminator_name"]
+    names = spec[1]["options"] if spec[0] == "COMBO" else spec[0]
+    assert {"standalone.safetensors", "sub/features.safetensors", "legacy.pt"} <= set(names)
+    assert apply["output"] == ["MODEL"] and load["output"] == ["DISCRIMINATOR"]
+    for spec in apply["input"]["required"].values():
+        assert spec[1].get("tooltip"), spec
+    assert apply["description"] and load["description"]
+
+
+@pytest.mark.parametrize("disc,model_type,sampler,first", [
+    ("standalone.safetensors", "EPS", "heun", True),
+    ("sub/features.safetensors", "EPS", "dpmpp_2m", False),
+    ("standalone.safetensors", "FLOW", "euler_ancestral", False),
+])
+def test_guided_prompt_matches_in_process_run(server, disc, model_type, sampler, first):
+    hist = server.run(graph(disc, sampler=sampler, prefix=f"g_{model_type}_{sampler}", model_type=model_type,
+                            first=first))
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    served = saved_latent(server, hist)
+    path = os.path.join(server.base, "models", "discriminators", disc)
+    torch.testing.assert_close(served, in_process(path, 2.0, sampler, first, model_type), rtol=1e-5, atol=1e-5)
+    plain = saved_latent(server, server.run(graph(disc, weight=0.0, sampler=sampler, model_type=model_type,
+                                                  prefix=f"p_{model_type}_{sampler}")))
+    assert not torch.allclose(served, plain, atol=1e-3)
+
+
+def test_bad_window_is_refused_at_validation(server):
+    status, body = server.post_prompt(graph(start=0.8, end=0.2))
+    assert status == 400
+    assert "swap" in str(body["node_errors"]["3"])
+
+
+@pytest.mark.parametrize("name", ["nope.safetensors", "../../escape.safetensors", "/etc/passwd"])
+def test_unknown_or_escaping_discriminator_names_are_refused(server, name):
+    # ComfyUI 0.3.75 lets a V3 combo value outside its list through validation; the node refuses it.
+    status, body = server.post_prompt(graph(disc=name))
+    if status == 400:
+        assert "2" in body["node_errors"]
+        return
+    hist = server.run(graph(disc=name, prefix="x"))
+    assert hist["status"]["status_str"] == "error"
+    assert "models/discriminators" in str(hist["status"]["messages"])
+
+
+def test_pickle_file_fails_with_its_reason_and_the_server_keeps_serving(server):
+    hist = server.run(graph(disc="legacy.pt", prefix="bad"))
+    assert hist["status"]["status_str"] == "error"
+    messages = str(hist["status"]["messages"])
+    assert "pickle" in messages and "safetensors" in messages
+    ok = server.run(graph(prefix="after_bad"))
+    assert ok["status"]["status_str"] == "success"
