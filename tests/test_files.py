@@ -179,7 +179,7 @@ def test_failed_save_leaves_old_file_and_no_temp_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="file modes and umask are POSIX")
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask-022", "umask-027"])
 def test_saved_file_follows_umask(tmp_path, umask, mode):
     """The temporary file is made 0600 by mkstemp; the saved file gets the mode any new file would get."""
     old = os.umask(umask)
