@@ -81,12 +81,21 @@ def read_header(path) -> dict:
                                      "The file is damaged: download or save it again.") from None
     if not isinstance(header, dict):
         raise DiscriminatorFileError(path, "its safetensors header is not a JSON object", "Download or save it again.")
+    meta = header.get("__metadata__", {})
+    if not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        raise DiscriminatorFileError(path, "its metadata is not a table of strings, as safetensors requires",
+                                     "The file is damaged or was edited: download or save it again.")
     data_size = size - 8 - n
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        offs = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+        entry = entry if isinstance(entry, dict) else {}
+        offs, shape, dtype = entry.get("data_offsets"), entry.get("shape"), entry.get("dtype")
+        if not (isinstance(dtype, str) and isinstance(shape, list)
+                and all(type(d) is int and d >= 0 for d in shape)):
+            raise DiscriminatorFileError(path, f"tensor '{name}' has a malformed dtype or shape in the header",
+                                         "The file is damaged: download or save it again.")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)
                 and 0 <= offs[0] <= offs[1] <= data_size):
             raise DiscriminatorFileError(path, f"tensor '{name}' points outside the file (truncated or damaged)",
                                          "Download or save it again.")
@@ -101,7 +110,7 @@ def _metadata(path, header):
                                      "Put only discriminators made by comfy-dg in models/discriminators.")
     if meta["comfy_dg.format"] != FORMAT_VERSION:
         raise DiscriminatorFileError(path, f"it is in comfy-dg file format {meta['comfy_dg.format']!r}; this "
-                                     f"version reads format {FORMAT_VERSION}", "Update comfy-dg.")
+                                     f"version reads format {FORMAT_VERSION!r}", "Update comfy-dg.")
     arch = meta.get("comfy_dg.architecture")
     if arch not in ARCHITECTURES:
         raise DiscriminatorFileError(path, f"its architecture {arch!r} is unknown (known: {', '.join(ARCHITECTURES)})",

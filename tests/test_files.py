@@ -368,6 +368,12 @@ def set_raw_meta(key, value):
     return change
 
 
+def set_field(name, field, value):
+    def change(header):
+        header[name][field] = value
+    return change
+
+
 def missing_file(folder):
     return os.path.join(folder, "absent.safetensors")
 
@@ -418,7 +424,19 @@ REFUSED = {
     "data-shorter-than-shape": (raw_edited(shorten), "could not read its tensors"),
     "overlapping-tensors": (raw_edited(share_data("conv_in.bias", "sigma_mlp.net.0.bias")),
                             "could not read its tensors"),
-    "metadata-value-not-string": (raw_edited(set_raw_meta("comfy_dg.note", 5)), "could not read its tensors"),
+    "metadata-value-not-string": (raw_edited(set_raw_meta("comfy_dg.note", 5)), "not a table of strings"),
+    "architecture-as-list": (raw_edited(set_raw_meta("comfy_dg.architecture", ["standalone"])),
+                             "not a table of strings"),
+    "shape-null": (raw_edited(set_field("out.weight", "shape", None)), "malformed dtype or shape"),
+    "shape-number": (raw_edited(set_field("out.weight", "shape", 32)), "malformed dtype or shape"),
+    "shape-bools": (raw_edited(set_field("out.weight", "shape", [True, 64])), "malformed dtype or shape"),
+    "dtype-list": (raw_edited(set_field("out.weight", "dtype", ["F32"])), "malformed dtype or shape"),
+    "info-sigma_max-bool": (edited(change_metadata=set_info(sigma_max=True)), "metadata is malformed"),
+    "info-sigma_min-nan": (edited(change_metadata=set_info(sigma_min=float("nan"))), "metadata is malformed"),
+    "info-sigma-range-empty": (edited(change_metadata=set_info(sigma_min=5.0, sigma_max=1.0)),
+                               "metadata is malformed"),
+    "info-latent_channels-bool": (edited(change_metadata=set_info(latent_channels=True)), "metadata is malformed"),
+    "format-version-number": (raw_edited(set_raw_meta("comfy_dg.format", 1)), "not a table of strings"),
     "architecture-lie": (edited(change_metadata=relabel_as_features),
                          "do not match the features architecture"),
     "does-not-exist": (missing_file, "no such file"),

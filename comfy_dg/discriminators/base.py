@@ -31,10 +31,11 @@ class DiscriminatorInfo:
         if d.get("sigma_max") is None:
             d["sigma_max"] = float("inf")
         info = cls(**d)
-        if not (isinstance(info.latent_channels, int) and info.latent_channels > 0 and isinstance(info.model_family, str)
-                and all(isinstance(v, (int, float)) for v in (info.sigma_min, info.sigma_max))
+        number = lambda v: type(v) in (int, float) and not math.isnan(v)  # noqa: E731 - bools are not numbers
+        if not (type(info.latent_channels) is int and info.latent_channels > 0 and isinstance(info.model_family, str)
+                and number(info.sigma_min) and number(info.sigma_max) and 0 <= info.sigma_min <= info.sigma_max
                 and isinstance(info.training, dict)):
-            raise TypeError("info fields have the wrong types")
+            raise TypeError("info fields have the wrong types or an empty σ range")
         return info
 
 
