@@ -32,12 +32,12 @@ class ComfyServer:
         self.log_path = os.path.join(base, "server.log")
         self.proc = None
 
-    def start(self, timeout=120):
+    def start(self, timeout=120, extra_args=()):
         env = dict(os.environ, COMFY_DG_REPO=REPO, PYTHONUNBUFFERED="1")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", self.base, "--disable-auto-launch", "--disable-metadata"],
+             "--base-directory", self.base, "--disable-auto-launch", "--disable-metadata", *extra_args],
             cwd=self.comfyui, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:

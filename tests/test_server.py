@@ -28,7 +28,14 @@ def server(tmp_path_factory):
                        os.path.join(folder, "sub", "features.safetensors"))
     with open(os.path.join(folder, "legacy.pt"), "wb") as f:
         f.write(b"\x80\x04K\x01.")   # a (harmless) pickle
-    srv.start()
+    # A second folder, declared the way users share model folders between installs.
+    shared = os.path.join(base, "shared_models")
+    save_discriminator(StandaloneDiscriminator(info, width=16, levels=2, emb_dim=32),
+                       os.path.join(shared, "discriminators", "from_yaml.safetensors"))
+    yaml_path = os.path.join(base, "extra_model_paths.yaml")
+    with open(yaml_path, "w") as f:
+        f.write(f"shared:\n  base_path: {shared}\n  discriminators: discriminators\n")
+    srv.start(extra_args=["--extra-model-paths-config", yaml_path])
     yield srv
     srv.stop()
 
@@ -71,7 +78,7 @@ def test_nodes_are_registered_with_tooltips(server):
     load, apply = info["LoadDiscriminator"], info["DiscriminatorGuidance"]
     spec = load["input"]["required"]["discriminator_name"]
     names = spec[1]["options"] if spec[0] == "COMBO" else spec[0]
-    assert {"standalone.safetensors", "sub/features.safetensors", "legacy.pt"} <= set(names)
+    assert {"standalone.safetensors", "sub/features.safetensors", "legacy.pt", "from_yaml.safetensors"} <= set(names)
     assert apply["output"] == ["MODEL"] and load["output"] == ["DISCRIMINATOR"]
     for spec in apply["input"]["required"].values():
         assert spec[1].get("tooltip"), spec
@@ -80,6 +87,7 @@ def test_nodes_are_registered_with_tooltips(server):
 
 @pytest.mark.parametrize("disc,model_type,sampler,first", [
     ("standalone.safetensors", "EPS", "heun", True),
+    ("from_yaml.safetensors", "EPS", "euler", False),
     ("sub/features.safetensors", "EPS", "dpmpp_2m", False),
     ("standalone.safetensors", "FLOW", "euler_ancestral", False),
 ])
@@ -88,7 +96,8 @@ def test_guided_prompt_matches_in_process_run(server, disc, model_type, sampler,
                             first=first))
     assert hist["status"]["status_str"] == "success", hist["status"]
     served = saved_latent(server, hist)
-    path = os.path.join(server.base, "models", "discriminators", disc)
+    folder = "shared_models" if disc == "from_yaml.safetensors" else "models"
+    path = os.path.join(server.base, folder, "discriminators", disc)
     torch.testing.assert_close(served, in_process(path, 2.0, sampler, first, model_type), rtol=1e-5, atol=1e-5)
     plain = saved_latent(server, server.run(graph(disc, weight=0.0, sampler=sampler, model_type=model_type,
                                                   prefix=f"p_{model_type}_{sampler}")))
