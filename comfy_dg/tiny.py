@@ -81,7 +81,9 @@ def tiny_model(model_type: str = "EPS", seed: int = 0, family: str = "SD15", sta
         model.diffusion_model.to(dtype)
         model.eval()
     load = comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
+    patcher.tiny_spec = {"model_type": model_type, "family": family, **unet_kwargs}
+    return patcher
 
 
 def empty_conditioning(model_patcher, batch: int = 1, tokens: int = 1):
@@ -93,3 +95,62 @@ def empty_conditioning(model_patcher, batch: int = 1, tokens: int = 1):
     if cfg.get("adm_in_channels"):
         extra = {"pooled_output": torch.zeros(1, cfg["adm_in_channels"])}
     return [[pos, dict(extra)]], [[torch.zeros_like(pos), dict(extra)]]
+
+
+def tiny_vae(seed: int = 0, latent_channels: int = 4):
+    """A real ComfyUI VAE (comfy.sd.VAE around ComfyUI's AutoencoderKL) at a tiny size: 8× downscale,
+    32 channels; weights initialised from `seed`. It encodes deterministically (the posterior mode)."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    ddconfig = {"double_z": True, "z_channels": latent_channels, "resolution": 64, "in_channels": 3, "out_ch": 3,
+                "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    config = {"params": {"embed_dim": latent_channels, "ddconfig": ddconfig}}
+    with torch.inference_mode(False):
+        ae = AutoencoderKL(**config["params"])
+        _init_weights(ae, seed)
+        sd = {k: v.detach().clone() for k, v in ae.state_dict().items()}
+    return comfy.sd.VAE(sd=sd, config=config)
+
+
+TINY_KEY = "comfy_dg.tiny_checkpoint"
+
+
+def save_tiny_checkpoint(model_patcher, vae, path):
+    """A small model and its VAE in one .safetensors file, described by its metadata (no pickle)."""
+    import json
+    from safetensors.torch import save_file
+    sd = {f"model.{k}": v.detach().float().cpu().contiguous()
+          for k, v in model_patcher.model.diffusion_model.state_dict().items()}
+    sd.update({f"vae.{k}": v.detach().float().cpu().contiguous()
+               for k, v in vae.first_stage_model.state_dict().items()})
+    meta = {TINY_KEY: json.dumps({"spec": model_patcher.tiny_spec,
+                                  "vae_latent_channels": int(vae.latent_channels)})}
+    save_file(sd, str(path), metadata=meta)
+
+
+def is_tiny_checkpoint(path) -> bool:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return TINY_KEY in (f.metadata() or {})
+    except Exception:
+        return False
+
+
+def load_tiny_checkpoint(path):
+    """(ModelPatcher, VAE) from a file written by save_tiny_checkpoint."""
+    import json
+    import comfy.sd
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(str(path), "pt") as f:
+        facts = json.loads(f.metadata()[TINY_KEY])
+    sd = load_file(str(path))
+    model_sd = {k[6:]: v for k, v in sd.items() if k.startswith("model.")}
+    vae_sd = {k[4:]: v for k, v in sd.items() if k.startswith("vae.")}
+    model = tiny_model(state_dict=model_sd, **facts["spec"])
+    vae = tiny_vae(latent_channels=facts["vae_latent_channels"])
+    with torch.inference_mode(False):
+        vae.first_stage_model.load_state_dict(vae_sd)
+    return model, vae

@@ -4,9 +4,10 @@ from comfy_api.latest import ComfyExtension, io
 
 from .guide import DiscriminatorGuidance
 from .load import LoadDiscriminator
+from .train import EncodeRealImages, SampleFakeLatents, TrainDiscriminator
 
 
 class DiscriminatorGuidanceExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadDiscriminator, DiscriminatorGuidance]
+        return [LoadDiscriminator, DiscriminatorGuidance, EncodeRealImages, SampleFakeLatents, TrainDiscriminator]

@@ -1,0 +1,285 @@
+"""The training loop: BCE between noised real latents (label 1) and noised model samples (label 0).
+
+x0 = process_latent_in(latent); σ from the model's own schedule; x_σ = noise_scaling(σ, ε, x0); the
+discriminator sees calculate_input(σ, x_σ), exactly what it will see while guiding. For the features
+architecture the diffusion network is frozen and its features are computed without gradients.
+
+Every random draw of step k comes from a generator seeded by (seed, k), so a resumed run repeats an
+uninterrupted one, and every rank of a distributed run draws the same global batch and takes its own rows.
+"""
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..discriminators import (DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator,
+                              model_family, model_latent_channels)
+from ..discriminators.taps import find_tap
+from . import noise
+from .augment import LatentAugment
+
+
+class TrainingError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    architecture: str = "features"      # "features" (head on the model's own frozen features) or "standalone"
+    steps: int = 2000
+    batch_size: int = 64                 # global batch: half real, half fake
+    learning_rate: float = 3e-4
+    weight_decay: float = 1e-7
+    heldout_fraction: float = 0.1
+    eval_every: int = 100
+    patience: int = 5                    # evaluations without held-out improvement before stopping; 0 = never
+    augment: bool = True
+    seed: int = 0
+    sigma_bands: int = 4
+    sigma_min: float | None = None       # σ range trained (default: the model's whole schedule)
+    sigma_max: float | None = None
+    width: int | None = None             # network width (default: the architecture's own)
+
+    def validate(self):
+        if self.architecture not in ("features", "standalone"):
+            raise TrainingError(f"comfy-dg: unknown architecture {self.architecture!r} (features or standalone)")
+        if self.steps < 1 or self.batch_size < 2 or self.eval_every < 1 or self.sigma_bands < 1:
+            raise TrainingError("comfy-dg: steps, eval_every and sigma_bands must be ≥ 1 and batch_size ≥ 2")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise TrainingError(f"comfy-dg: heldout_fraction must be between 0 and 1, got {self.heldout_fraction}")
+        return self
+
+
+def _seed(seed, step, salt):
+    return (seed * 1_000_003 + step * 7919 + salt) % (2 ** 63)
+
+
+def _gen(seed, step, salt=0):
+    return torch.Generator().manual_seed(_seed(seed, step, salt))
+
+
+def _check_latents(name, latents, channels):
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+        raise TrainingError(f"comfy-dg: {name} latents must be a batch (N, C, H, W); got "
+                            f"{getattr(latents, 'shape', type(latents).__name__)}")
+    if latents.shape[0] < 2:
+        raise TrainingError(f"comfy-dg: need at least 2 {name} latents to train and hold some out; got "
+                            f"{latents.shape[0]}")
+    if latents.shape[1] != channels:
+        raise TrainingError(f"comfy-dg: the {name} latents have {latents.shape[1]} channels but the model's latent "
+                            f"space has {channels}: encode them with this model's VAE (or sample them with this model).")
+    if not torch.isfinite(latents).all():
+        raise TrainingError(f"comfy-dg: the {name} latents contain NaN or infinite values")
+
+
+def _split(n, fraction, generator):
+    perm = torch.randperm(n, generator=generator)
+    k = max(1, min(n - 1, round(n * fraction)))
+    return perm[k:], perm[:k]
+
+
+class Trainer:
+    """Trains one discriminator for `model_patcher` on real and fake latents (N, C, H, W), as the VAE or the
+    sampler returns them (the model's process_latent_in is applied here)."""
+
+    def __init__(self, model_patcher, real, fake, config: TrainConfig, rank: int = 0, world_size: int = 1):
+        self.config = config.validate()
+        self.model = model_patcher.model
+        self.rank, self.world = rank, world_size
+        channels = model_latent_channels(self.model)
+        _check_latents("real", real, channels)
+        _check_latents("fake", fake, channels)
+        if real.shape[1:] != fake.shape[1:]:
+            raise TrainingError(f"comfy-dg: real latents are {tuple(real.shape[1:])} but fake latents are "
+                                f"{tuple(fake.shape[1:])}: generate the fakes at the resolution the real images "
+                                "were encoded at.")
+        if config.batch_size % (2 * world_size):
+            raise TrainingError(f"comfy-dg: batch_size {config.batch_size} must split evenly into real/fake halves "
+                                f"across {world_size} process(es)")
+        self.ms = self.model.model_sampling
+        self.device = torch.device("cpu")
+        with torch.inference_mode(False):
+            real = self.model.process_latent_in(real.detach().clone().float())
+            fake = self.model.process_latent_in(fake.detach().clone().float())
+        g = _gen(config.seed, -1)
+        r_train, r_val = _split(len(real), config.heldout_fraction, g)
+        f_train, f_val = _split(len(fake), config.heldout_fraction, g)
+        self.real, self.fake = real[r_train], fake[f_train]
+        self.real_val, self.fake_val = real[r_val], fake[f_val]
+        self.t_range = noise.timestep_range(self.ms, config.sigma_min, config.sigma_max)
+        self.edges = noise.band_edges(self.ms, self.t_range, config.sigma_bands)
+        self.augment = LatentAugment() if config.augment else None
+        self.disc = self._build()
+        self.tap = find_tap(self.model.diffusion_model) if config.architecture == "features" else None
+        self.net = self.disc
+        if world_size > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(self.disc)
+        with torch.inference_mode(False):
+            self.opt = torch.optim.Adam(self.disc.parameters(), lr=config.learning_rate,
+                                        weight_decay=config.weight_decay)
+        self.step = 0
+        self.history = []
+        self.best = None            # (held-out BCE, step, state_dict)
+        self.evals_since_best = 0
+
+    # --- set-up --------------------------------------------------------------------------------------
+    def _build(self):
+        c = self.config
+        sig_lo, sig_hi = float(self.ms.sigma(torch.tensor(self.t_range[0]))), float(self.ms.sigma(torch.tensor(self.t_range[1])))
+        info = DiscriminatorInfo(model_latent_channels(self.model), model_family(self.model), sig_lo, sig_hi)
+        kwargs = {} if c.width is None else {"width": c.width}
+        with torch.inference_mode(False):
+            torch.manual_seed(_seed(c.seed, -2, 0))
+            if c.architecture == "standalone":
+                return StandaloneDiscriminator(info, **kwargs)
+            tap = find_tap(self.model.diffusion_model)
+            if tap is None:
+                raise TrainingError(
+                    f"comfy-dg: the features architecture has no feature tap for a "
+                    f"{type(self.model.diffusion_model).__name__} yet (UNet models: SD1.x, SD2, SDXL); train a "
+                    "standalone discriminator for this model.")
+            return FeatureHeadDiscriminator(info, tap=tap.name, feature_channels=tap.channels(self.model),
+                                            diffusion_model=type(self.model.diffusion_model).__name__, **kwargs)
+
+    # --- one batch -----------------------------------------------------------------------------------
+    def _inputs(self, x0, sigma, eps):
+        """What the trainable network takes: x_in itself, or the frozen model's features of it."""
+        _, x_in = noise.noised_input(self.ms, x0, sigma, eps)
+        if self.tap is None:
+            return x_in
+        with torch.no_grad():
+            return self.tap.features(self.model, x_in, sigma).float()
+
+    def _batch(self, step):
+        c = self.config
+        half = c.batch_size // 2
+        g = _gen(c.seed, step)
+        ir = torch.randint(len(self.real), (half,), generator=g)
+        i_f = torch.randint(len(self.fake), (half,), generator=g)
+        x0 = torch.cat([self.real[ir], self.fake[i_f]])
+        labels = torch.cat([torch.ones(half), torch.zeros(half)])
+        if self.augment is not None:
+            x0 = self.augment(x0, _seed(c.seed, step, 1))
+        sigma = noise.sample_sigmas(self.ms, self.t_range, c.batch_size, g)
+        eps = torch.randn(x0.shape, generator=g)
+        rows = slice(self.rank, None, self.world)       # this process's share of the global batch
+        return x0[rows], sigma[rows], eps[rows], labels[rows]
+
+    def train_step(self):
+        with torch.inference_mode(False), torch.enable_grad():
+            x0, sigma, eps, labels = self._batch(self.step)
+            self.disc.train()
+            logit = self.net(self._inputs(x0, sigma, eps), sigma)
+            loss = F.binary_cross_entropy_with_logits(logit, labels)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        self.step += 1
+        return float(loss.detach())
+
+    # --- held-out evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self):
+        """Held-out accuracy and BCE per σ band, on fixed noise (the same every evaluation)."""
+        c = self.config
+        self.disc.eval()
+        bands = []
+        x0 = torch.cat([self.real_val, self.fake_val])
+        labels = torch.cat([torch.ones(len(self.real_val)), torch.zeros(len(self.fake_val))])
+        n_t = self.t_range[1] - self.t_range[0]
+        for b in range(c.sigma_bands):
+            g = _gen(c.seed, -3, b)
+            t = self.t_range[0] + n_t * (b + torch.rand(len(x0), generator=g)) / c.sigma_bands
+            sigma = self.ms.sigma(t).float()
+            eps = torch.randn(x0.shape, generator=g)
+            logits = torch.cat([self.disc(self._inputs(x0[i:i + 256], sigma[i:i + 256], eps[i:i + 256]),
+                                          sigma[i:i + 256]) for i in range(0, len(x0), 256)])
+            correct = (logits > 0).float() == labels
+            bce = F.binary_cross_entropy_with_logits(logits, labels)
+            nr = len(self.real_val)
+            bands.append({"sigma_lo": self.edges[b], "sigma_hi": self.edges[b + 1],
+                          "acc_real": float(correct[:nr].float().mean()), "acc_fake": float(correct[nr:].float().mean()),
+                          "acc": float(correct.float().mean()), "bce": float(bce)})
+        record = {"step": self.step, "bands": bands, "bce": sum(b["bce"] for b in bands) / len(bands),
+                  "acc": sum(b["acc"] for b in bands) / len(bands)}
+        self.history.append(record)
+        if self.best is None or record["bce"] < self.best[0]:
+            self.best = (record["bce"], self.step, copy.deepcopy(self.disc.state_dict()))
+            self.evals_since_best = 0
+        else:
+            self.evals_since_best += 1
+        return record
+
+    # --- the run ------------------------------------------------------------------------------------
+    def run(self, on_step=None, should_stop=None):
+        """Train until `steps` or early stopping; returns the best discriminator (by held-out BCE).
+
+        on_step(step, loss, record_or_None) reports progress; should_stop() is polled every step and may raise
+        (ComfyUI's interrupt does), which ends training before anything is written."""
+        c = self.config
+        if not self.history:
+            self.evaluate()
+        while self.step < c.steps:
+            if should_stop is not None and should_stop():
+                break
+            loss = self.train_step()
+            record = None
+            if self.step % c.eval_every == 0 or self.step == c.steps:
+                record = self.evaluate()
+            if on_step is not None:
+                on_step(self.step, loss, record)
+            if record is not None and c.patience and self.evals_since_best >= c.patience:
+                break
+        return self.best_discriminator()
+
+    def best_discriminator(self):
+        _, best_step, state = self.best
+        disc = copy.deepcopy(self.disc)
+        disc.load_state_dict(state)
+        disc.eval().requires_grad_(False)
+        best = next(r for r in self.history if r["step"] == best_step)
+        disc.info = dataclasses.replace(disc.info, training={
+            "real_train": len(self.real), "real_heldout": len(self.real_val),
+            "fake_train": len(self.fake), "fake_heldout": len(self.fake_val),
+            "steps": self.step, "best_step": best_step, "heldout_bce": round(best["bce"], 5),
+            "heldout_accuracy": round(best["acc"], 4),
+            "heldout_bands": [{k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v)
+                               for k, v in b.items()} for b in best["bands"]],
+            "config": dataclasses.asdict(self.config), "processes": self.world})
+        return disc
+
+    # --- resumable state ----------------------------------------------------------------------------
+    def state(self):
+        """Tensors and JSON-able facts that let a later run continue exactly where this one is."""
+        tensors = {f"disc.{k}": v for k, v in self.disc.state_dict().items()}
+        if self.best is not None:
+            tensors.update({f"best.{k}": v for k, v in self.best[2].items()})
+        opt = self.opt.state_dict()
+        for idx, s in opt["state"].items():
+            for name, v in s.items():
+                tensors[f"opt.{idx}.{name}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+        facts = {"step": self.step, "history": self.history, "param_groups": opt["param_groups"],
+                 "best": None if self.best is None else [self.best[0], self.best[1]],
+                 "evals_since_best": self.evals_since_best, "config": dataclasses.asdict(self.config)}
+        return tensors, facts
+
+    def load_state(self, tensors, facts):
+        if facts["config"] != dataclasses.asdict(self.config):
+            raise TrainingError("comfy-dg: the checkpoint was made with other training settings; resume with the "
+                                "same settings, or start a new run under another name.")
+        with torch.inference_mode(False):
+            self.disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
+            state = {}
+            for k, v in tensors.items():
+                if k.startswith("opt."):
+                    _, idx, name = k.split(".", 2)
+                    state.setdefault(int(idx), {})[name] = v
+            self.opt.load_state_dict({"state": state, "param_groups": facts["param_groups"]})
+        self.step, self.history = facts["step"], facts["history"]
+        self.evals_since_best = facts["evals_since_best"]
+        if facts["best"] is not None:
+            self.best = (facts["best"][0], facts["best"][1],
+                         {k[5:]: v.clone() for k, v in tensors.items() if k.startswith("best.")})

@@ -1,0 +1,163 @@
+import os
+
+import torch
+
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..comfy_dg.files import save_discriminator
+from ..comfy_dg.training.data import encode_folder, sample_fakes
+from ..comfy_dg.training.loop import TrainConfig, Trainer
+from ..comfy_dg.training.plot import plot_history
+from .load import FOLDER
+from .types import Discriminator
+
+CATEGORY = "model_patches/discriminator_guidance/training"
+
+
+def cache_dir():
+    return os.path.join(folder_paths.get_user_directory(), "comfy-dg", "cache")
+
+
+def interrupted():
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def progress_bar(total):
+    bar = comfy.utils.ProgressBar(total)
+    return lambda done, of: bar.update_absolute(done, of)
+
+
+def image_folder(name: str) -> str:
+    return name if os.path.isabs(name) else os.path.join(folder_paths.get_input_directory(), name)
+
+
+class EncodeRealImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DGEncodeRealImages",
+            display_name="Encode Real Images (DG)",
+            category=CATEGORY,
+            description="Loads every png/jpg/webp image in a folder, resizes and center-crops it to the training "
+                        "resolution, and encodes it with the model's VAE in batches: the real data of a "
+                        "discriminator. Latents are cached on disk, so re-runs skip the work.",
+            inputs=[
+                io.String.Input("folder", default="dg_real", tooltip="Folder of real images: relative to ComfyUI's "
+                                "input folder, or absolute. Subfolders are included."),
+                io.Vae.Input("vae", tooltip="The VAE of the model the discriminator is for."),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=8,
+                             tooltip="Images are resized (shorter side) and center-cropped to this size."),
+                io.Int.Input("batch_size", default=8, min=1, max=256, tooltip="Images encoded at once."),
+            ],
+            outputs=[io.Latent.Output(display_name="real_latents")],
+        )
+
+    @classmethod
+    def execute(cls, folder, vae, resolution, batch_size) -> io.NodeOutput:
+        latents = encode_folder(image_folder(folder), vae, resolution, batch_size, cache_dir(),
+                                progress=progress_bar(1), should_stop=interrupted)
+        return io.NodeOutput({"samples": latents})
+
+
+class SampleFakeLatents(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DGSampleFakeLatents",
+            display_name="Sample Fake Latents (DG)",
+            category=CATEGORY,
+            description="Generates the model's own samples with your sampler settings, in batches, through "
+                        "ComfyUI's sampling: the fake data of a discriminator. Use as many as you have real "
+                        "images. Cached on disk by model, prompt and settings.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model (unguided) whose samples the discriminator learns to spot."),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Int.Input("count", default=1000, min=2, max=1_000_000, tooltip="How many samples."),
+                io.Int.Input("batch_size", default=4, min=1, max=256),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False),
+                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES),
+                io.Int.Input("width", default=512, min=16, max=8192, step=8, tooltip="As the real images' resolution."),
+                io.Int.Input("height", default=512, min=16, max=8192, step=8),
+            ],
+            outputs=[io.Latent.Output(display_name="fake_latents")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, count, batch_size, seed, steps, cfg, sampler_name, scheduler,
+                width, height) -> io.NodeOutput:
+        latents = sample_fakes(model, positive, negative, count, batch_size, seed, steps, cfg, sampler_name,
+                               scheduler, width, height, cache_dir(), progress=progress_bar(count),
+                               should_stop=interrupted)
+        return io.NodeOutput({"samples": latents})
+
+
+def output_path(filename: str) -> str:
+    name = filename.strip()
+    if not name or "/" in name or "\\" in name or name.startswith(".") or os.path.isabs(name):
+        raise ValueError(f"comfy-dg: '{filename}' is not a plain file name; give a name such as 'my_model_dg' "
+                         f"(it is saved in models/{FOLDER}).")
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    return os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name)
+
+
+class TrainDiscriminator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DGTrainDiscriminator",
+            display_name="Train Discriminator (DG)",
+            category=CATEGORY,
+            is_output_node=True,
+            description="Trains a discriminator for this model on real latents (label 1) and the model's own "
+                        "samples (label 0), noised as the model noises them, keeps the checkpoint with the best "
+                        "held-out BCE, and saves it in models/discriminators (the old file, if any, stays intact "
+                        "until the new one is complete). Outputs it, and a plot of held-out accuracy and BCE per σ band.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model the discriminator is for (kept frozen)."),
+                io.Latent.Input("real_latents", tooltip="From Encode Real Images (DG), or VAE Encode."),
+                io.Latent.Input("fake_latents", tooltip="From Sample Fake Latents (DG), or KSampler batches."),
+                io.String.Input("filename", default="my_discriminator",
+                                tooltip="Saved as models/discriminators/<filename>.safetensors."),
+                io.Combo.Input("architecture", options=["features", "standalone"], default="features",
+                               tooltip="features: a small head on the model's own frozen UNet features (the paper's "
+                                       "design; recommended). standalone: a small conv net on latents (any model)."),
+                io.Int.Input("steps", default=2000, min=1, max=1_000_000, tooltip="Optimizer steps at most."),
+                io.Int.Input("batch_size", default=64, min=2, max=4096, step=2, tooltip="Half real, half fake."),
+                io.Float.Input("learning_rate", default=3e-4, min=1e-6, max=1e-1, step=1e-5, round=1e-6),
+                io.Float.Input("weight_decay", default=1e-7, min=0.0, max=1.0, step=1e-7, round=1e-8),
+                io.Float.Input("heldout_fraction", default=0.1, min=0.01, max=0.5, step=0.01,
+                               tooltip="Share of real and of fake latents held out for evaluation and early stopping."),
+                io.Int.Input("eval_every", default=100, min=1, max=100000, tooltip="Steps between held-out evaluations."),
+                io.Int.Input("patience", default=5, min=0, max=1000,
+                             tooltip="Stop after this many evaluations without a better held-out BCE (0: never)."),
+                io.Boolean.Input("augment", default=True, tooltip="Random flips and small shifts (kornia), alike "
+                                 "for real and fake."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False),
+            ],
+            outputs=[Discriminator.Output(), io.Image.Output(display_name="training_plot")],
+        )
+
+    @classmethod
+    def execute(cls, model, real_latents, fake_latents, filename, architecture, steps, batch_size, learning_rate,
+                weight_decay, heldout_fraction, eval_every, patience, augment, seed) -> io.NodeOutput:
+        path = output_path(filename)
+        config = TrainConfig(architecture=architecture, steps=steps, batch_size=batch_size,
+                             learning_rate=learning_rate, weight_decay=weight_decay,
+                             heldout_fraction=heldout_fraction, eval_every=eval_every, patience=patience,
+                             augment=augment, seed=seed)
+        trainer = Trainer(model, real_latents["samples"], fake_latents["samples"], config)
+        bar = comfy.utils.ProgressBar(steps)
+        disc = trainer.run(on_step=lambda step, loss, record: bar.update_absolute(step, steps),
+                           should_stop=interrupted)
+        save_discriminator(disc, path)
+        plot = torch.from_numpy(plot_history(trainer.history)).float().div(255.0)[None]
+        return io.NodeOutput(disc, plot)
