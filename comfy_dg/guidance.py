@@ -15,6 +15,7 @@ import torch
 from . import parameterization
 from .schedules import SCHEDULES, schedule_factor, window_position
 from .steps import StepTracker, sampler_name
+from .tensors import autograd_weights
 
 log = logging.getLogger("comfy_dg")
 
@@ -103,6 +104,9 @@ class GuidancePatch:
             if p is not None and p.device != device:
                 with torch.inference_mode(False):   # moved tensors must be usable by autograd
                     d.to(device)
+            # A discriminator built or loaded under ComfyUI's inference mode (e.g. trained in the same graph)
+            # has inference-tensor weights, which cannot take part in a backward pass.
+            autograd_weights(d)
 
     def offload(self, model_patcher):
         self._to(torch.device(model_patcher.offload_device))

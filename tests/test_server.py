@@ -12,6 +12,7 @@ from comfy_dg.discriminators.taps import UNetMiddle
 from comfy_dg.tiny import empty_conditioning, tiny_model
 from conftest import COMFYUI
 from comfy_server import ComfyServer
+from digits import write_digit_folder
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,7 @@ def server(tmp_path_factory):
     yaml_path = os.path.join(base, "extra_model_paths.yaml")
     with open(yaml_path, "w") as f:
         f.write(f"shared:\n  base_path: {shared}\n  discriminators: discriminators\n")
+    write_digit_folder(os.path.join(base, "input", "digits"), 48)
     srv.start(extra_args=["--extra-model-paths-config", yaml_path])
     yield srv
     srv.stop()
@@ -57,8 +59,8 @@ def graph(disc="standalone.safetensors", weight=2.0, start=0.0, end=1.0, sampler
     }
 
 
-def saved_latent(server, hist):
-    out = hist["outputs"]["6"]["latents"][0]
+def saved_latent(server, hist, node="6"):
+    out = hist["outputs"][node]["latents"][0]
     path = os.path.join(server.base, "output", out["subfolder"], out["filename"])
     return load_file(path)["latent_tensor"]
 
@@ -129,3 +131,45 @@ def test_pickle_file_fails_with_its_reason_and_the_server_keeps_serving(server):
     assert "pickle" in messages and "safetensors" in messages
     ok = server.run(graph(prefix="after_bad"))
     assert ok["status"]["status_str"] == "success"
+
+
+def training_graph(name, steps=40):
+    return {
+        "1": {"class_type": "DGTestTinyModel", "inputs": {"seed": 0, "model_type": "EPS", "family": "SD15"}},
+        "2": {"class_type": "DGTestTinyVAE", "inputs": {"seed": 0}},
+        "3": {"class_type": "DGEncodeRealImages", "inputs": {"folder": "digits", "vae": ["2", 0], "resolution": 64,
+                                                            "batch_size": 16}},
+        "4": {"class_type": "DGSampleFakeLatents",
+              "inputs": {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 2], "count": 48,
+                         "batch_size": 16, "seed": 0, "steps": 4, "cfg": 3.0, "sampler_name": "euler",
+                         "scheduler": "normal", "width": 64, "height": 64}},
+        "5": {"class_type": "DGTrainDiscriminator",
+              "inputs": {"model": ["1", 0], "real_latents": ["3", 0], "fake_latents": ["4", 0], "filename": name,
+                         "architecture": "features", "steps": steps, "batch_size": 16, "learning_rate": 3e-4,
+                         "weight_decay": 1e-7, "heldout_fraction": 0.2, "eval_every": 10, "patience": 0,
+                         "augment": True, "seed": 0}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 1]}},
+        "7": {"class_type": "DiscriminatorGuidance",
+              "inputs": {"model": ["1", 0], "discriminator": ["5", 0], "weight": 1.0, "start_percent": 0.0,
+                         "end_percent": 1.0, "schedule": "constant", "boost": 1.0, "first_evaluation_only": False}},
+        "8": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "9": {"class_type": "KSampler",
+              "inputs": {"model": ["7", 0], "seed": 1, "steps": 4, "cfg": 3.0, "sampler_name": "euler",
+                         "scheduler": "normal", "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["8", 0],
+                         "denoise": 1.0}},
+        "10": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": "trained"}},
+    }
+
+
+def test_training_graph_runs_end_to_end(server):
+    hist = server.run(training_graph("trained_in_graph"), timeout=300)
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    assert hist["outputs"]["6"]["images"], "the training plot was not shown"
+    assert torch.isfinite(saved_latent(server, hist, node="10")).all()
+    path = os.path.join(server.base, "models", "discriminators", "trained_in_graph.safetensors")
+    assert load_discriminator(path).info.training["steps"] == 40
+    # Load Discriminator lists the new file without a restart.
+    spec = server.get("/object_info/LoadDiscriminator")["LoadDiscriminator"]["input"]["required"]["discriminator_name"]
+    assert "trained_in_graph.safetensors" in (spec[1]["options"] if spec[0] == "COMBO" else spec[0])
+    cache = os.path.join(server.base, "user", "comfy-dg", "cache")
+    assert sorted(f.split("-")[0] for f in os.listdir(cache)) == ["fake", "real"]

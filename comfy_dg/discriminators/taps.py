@@ -6,22 +6,11 @@ vectors are zero, so the features are the noise-conditioned, prompt-independent 
 """
 import torch
 
+from ..tensors import autograd_weights
+
 
 class _Stop(Exception):
     pass
-
-
-def _autograd_weights(module: torch.nn.Module):
-    """Parameters loaded under ComfyUI's inference mode cannot take part in a backward pass; replace them,
-    in place and once, by ordinary tensors with the same values (nothing else about the model changes)."""
-    with torch.inference_mode(False):
-        for m in module.modules():
-            for name, p in list(m.named_parameters(recurse=False)):
-                if p.is_inference():
-                    setattr(m, name, torch.nn.Parameter(p.clone(), requires_grad=False))
-            for name, b in list(m.named_buffers(recurse=False)):
-                if b is not None and b.is_inference():
-                    m._buffers[name] = b.clone()
 
 
 def _compute_dtype(base_model):
@@ -47,7 +36,7 @@ class UNetMiddle:
     @staticmethod
     def features(base_model, x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         dm = base_model.diffusion_model
-        _autograd_weights(dm)
+        autograd_weights(dm)
         cfg = base_model.model_config.unet_config
         dtype = _compute_dtype(base_model)
         b = x_in.shape[0]

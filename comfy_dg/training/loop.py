@@ -219,6 +219,10 @@ class Trainer:
 
         on_step(step, loss, record_or_None) reports progress; should_stop() is polled every step and may raise
         (ComfyUI's interrupt does), which ends training before anything is written."""
+        with torch.inference_mode(False):   # ComfyUI runs nodes under inference mode; training needs autograd
+            return self._run(on_step, should_stop)
+
+    def _run(self, on_step, should_stop):
         c = self.config
         if not self.history:
             self.evaluate()

@@ -32,4 +32,4 @@ def plot_history(history, title="Discriminator training (held-out)") -> np.ndarr
     fig.savefig(buf, format="png")
     plt.close(fig)
     buf.seek(0)
-    return np.asarray(Image.open(buf).convert("RGB"))
+    return np.array(Image.open(buf).convert("RGB"))

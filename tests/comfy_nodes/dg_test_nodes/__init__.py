@@ -7,7 +7,7 @@ REPO = os.environ["COMFY_DG_REPO"]
 if REPO not in sys.path:
     sys.path.append(REPO)
 
-from comfy_dg.tiny import MODEL_TYPES, empty_conditioning, tiny_model  # noqa: E402
+from comfy_dg.tiny import MODEL_TYPES, empty_conditioning, tiny_model, tiny_vae  # noqa: E402
 
 
 class DGTestTinyModel:
@@ -26,4 +26,17 @@ class DGTestTinyModel:
         return (m, pos, neg)
 
 
-NODE_CLASS_MAPPINGS = {"DGTestTinyModel": DGTestTinyModel}
+class DGTestTinyVAE:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, seed):
+        return (tiny_vae(seed=seed),)
+
+
+NODE_CLASS_MAPPINGS = {"DGTestTinyModel": DGTestTinyModel, "DGTestTinyVAE": DGTestTinyVAE}

@@ -1,0 +1,203 @@
+"""Training a discriminator for a small real ComfyUI model on real data (sklearn's digits)."""
+import asyncio
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_dg import load_discriminator, save_discriminator
+from comfy_dg.training import TrainConfig, Trainer, TrainingError
+from comfy_dg.training.data import DataError, encode_folder, read_cache, sample_fakes
+from comfy_dg.training.plot import plot_history
+from comfy_dg.tiny import empty_conditioning, tiny_model, tiny_vae
+from conftest import REPO
+from digits import write_digit_folder
+
+N = 160
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    folder = write_digit_folder(str(root / "real"), N)
+    model, vae = tiny_model("EPS", seed=0), tiny_vae(seed=0)
+    pos, neg = empty_conditioning(model)
+    with torch.inference_mode():
+        real = encode_folder(folder, vae, 64, 32, cache_dir=str(root / "cache"))
+        fake = sample_fakes(model, pos, neg, N, 40, 0, 6, 3.0, "euler", "normal", 64, 64,
+                            cache_dir=str(root / "cache"))
+    return {"root": root, "folder": folder, "model": model, "vae": vae, "real": real, "fake": fake}
+
+
+def small_config(**kw):
+    return TrainConfig(**{"steps": 60, "batch_size": 32, "eval_every": 20, "patience": 0, "width": 32, **kw})
+
+
+@pytest.mark.parametrize("arch", ["standalone", "features"])
+def test_each_architecture_beats_chance_at_low_sigma(data, arch):
+    trainer = Trainer(data["model"], data["real"], data["fake"], small_config(architecture=arch, steps=120))
+    disc = trainer.run()
+    low = disc.info.training["heldout_bands"][0]
+    first = trainer.history[0]["bands"][0]["acc"]
+    # Measured at 120 steps: 1.00 (standalone) and 1.00 (features) in the lowest σ band; the features head
+    # needs ~120 steps (0.84 at 60). The untrained tiny model's samples are easy to spot.
+    assert low["acc"] >= 0.9, low
+    assert first <= 0.75, "the untrained discriminator already separated the data: the test could not fail"
+    assert disc.info.training["real_heldout"] == 16 and disc.info.training["fake_heldout"] == 16
+    assert disc.info.sigma_min < disc.info.sigma_max
+
+
+def test_early_stopping_keeps_the_best_checkpoint(data):
+    trainer = Trainer(data["model"], data["real"], data["fake"], small_config(architecture="standalone",
+                                                                              steps=200, eval_every=10, patience=2,
+                                                                              learning_rate=3e-3))
+    disc = trainer.run()
+    best = min(trainer.history, key=lambda r: r["bce"])
+    assert disc.info.training["best_step"] == best["step"]
+    assert trainer.step < 200 or trainer.evals_since_best < 2
+    # The returned weights are the best evaluation's, not the last step's.
+    state = trainer.best[2]
+    assert all(torch.equal(v, disc.state_dict()[k]) for k, v in state.items())
+
+
+def test_resume_repeats_an_uninterrupted_run(data):
+    cfg = small_config(architecture="features", steps=30, eval_every=10)
+    whole = Trainer(data["model"], data["real"], data["fake"], cfg)
+    whole.run()
+    first = Trainer(data["model"], data["real"], data["fake"], cfg)
+    stop_at = iter(range(10 ** 6))
+    first.run(should_stop=lambda: next(stop_at) >= 17)           # stops after 17 steps
+    assert first.step == 17
+    tensors, facts = first.state()
+    resumed = Trainer(data["model"], data["real"], data["fake"], cfg)
+    resumed.load_state({k: v.clone() for k, v in tensors.items()}, facts)
+    resumed.run()
+    for k, v in whole.disc.state_dict().items():
+        assert torch.equal(v, resumed.disc.state_dict()[k]), k
+    assert [r["bce"] for r in whole.history] == [r["bce"] for r in resumed.history]
+
+
+def test_bad_latents_are_refused(data):
+    real, fake = data["real"], data["fake"]
+    with pytest.raises(TrainingError, match=r"real latents are \(4, 8, 8\) but fake latents are \(4, 4, 4\)"):
+        Trainer(data["model"], real, fake[:, :, :4, :4], small_config())
+    with pytest.raises(TrainingError, match="16 channels but the model's latent space has 4"):
+        Trainer(data["model"], real.repeat(1, 4, 1, 1), fake, small_config())
+    with pytest.raises(TrainingError, match="NaN"):
+        Trainer(data["model"], real * float("nan"), fake, small_config())
+    with pytest.raises(TrainingError, match="unknown architecture"):
+        Trainer(data["model"], real, fake, small_config(architecture="gan"))
+
+
+def test_bad_image_folders_are_refused(data, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        encode_folder(str(tmp_path / "nope"), data["vae"], 64, 4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no png, jpg or webp"):
+        encode_folder(str(tmp_path / "empty"), data["vae"], 64, 4)
+    bad = tmp_path / "bad"
+    write_digit_folder(str(bad), 3)
+    (bad / "broken.png").write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match="broken.png"):
+        encode_folder(str(bad), data["vae"], 64, 4)
+
+
+def test_any_image_size_is_resized_and_center_cropped(tmp_path, data):
+    from PIL import Image
+    Image.new("RGB", (300, 120), (255, 0, 0)).save(tmp_path / "wide.jpg")
+    Image.new("RGB", (50, 90), (0, 0, 255)).save(tmp_path / "tall.webp")
+    with torch.inference_mode():
+        lat = encode_folder(str(tmp_path), data["vae"], 64, 4)
+    assert lat.shape == (2, 4, 8, 8)
+
+
+def test_caches_are_reused_and_damaged_ones_rebuilt(data, monkeypatch):
+    cache = str(data["root"] / "cache")
+    files = sorted(os.listdir(cache))
+    assert any(f.startswith("real-") for f in files) and any(f.startswith("fake-") for f in files)
+    calls = []
+    monkeypatch.setattr(data["vae"], "encode", lambda px: calls.append(len(px)) or torch.zeros(len(px), 4, 8, 8))
+    with torch.inference_mode():
+        again = encode_folder(data["folder"], data["vae"], 64, 32, cache_dir=cache)
+    assert calls == [] and torch.equal(again, data["real"])
+    real_cache = os.path.join(cache, next(f for f in files if f.startswith("real-")))
+    with open(real_cache, "r+b") as f:
+        f.seek(40)
+        f.write(b"garbage!")
+    assert read_cache(real_cache) is None
+    with torch.inference_mode():
+        rebuilt = encode_folder(data["folder"], data["vae"], 64, 32, cache_dir=cache)
+    assert sum(calls) == N and torch.equal(rebuilt, torch.zeros(N, 4, 8, 8))
+
+
+def test_plot_is_a_picture(data):
+    trainer = Trainer(data["model"], data["real"], data["fake"], small_config(architecture="standalone", steps=20,
+                                                                              eval_every=10))
+    trainer.run()
+    img = plot_history(trainer.history)
+    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and img.shape[0] > 200
+    assert img.std() > 10   # not blank
+
+
+# --- the training node, in process, as ComfyUI loads it -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def pack_nodes(tmp_path_factory):
+    import nodes as comfy_nodes
+    assert asyncio.run(comfy_nodes.load_custom_node(REPO, ignore=set()))
+    folder = str(tmp_path_factory.mktemp("discriminators"))
+    folder_paths.folder_names_and_paths["discriminators"] = ([folder], {".safetensors"})
+    folder_paths.set_user_directory(str(tmp_path_factory.mktemp("user")))
+    return comfy_nodes.NODE_CLASS_MAPPINGS, folder
+
+
+def train_node(pack_nodes, data, name, steps=30):
+    cls = pack_nodes[0]["DGTrainDiscriminator"]
+    with torch.inference_mode():
+        return cls.execute(data["model"], {"samples": data["real"]}, {"samples": data["fake"]}, name, "features",
+                           steps, 32, 3e-4, 1e-7, 0.1, 10, 0, True, 0)
+
+
+def test_training_node_saves_a_loadable_file_and_a_plot(pack_nodes, data):
+    out = train_node(pack_nodes, data, "node_made")
+    disc, plot = out.args
+    path = os.path.join(pack_nodes[1], "node_made.safetensors")
+    loaded = load_discriminator(path)
+    assert loaded.info.training["steps"] == 30 and disc.architecture == "features"
+    assert plot.shape[0] == 1 and plot.shape[-1] == 3 and 0.0 <= float(plot.min()) and float(plot.max()) <= 1.0
+    assert "node_made.safetensors" in folder_paths.get_filename_list("discriminators")
+
+
+@pytest.mark.parametrize("stop_at", [1, 7, 23])
+def test_interrupt_stops_within_a_step_and_leaves_the_old_file_intact(pack_nodes, data, stop_at):
+    path = os.path.join(pack_nodes[1], "kept.safetensors")
+    torch.manual_seed(0)
+    old = Trainer(data["model"], data["real"], data["fake"], small_config(steps=1)).run()
+    save_discriminator(old, path)
+    before = open(path, "rb").read()
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append(value)
+        if value == stop_at:
+            comfy.model_management.interrupt_current_processing(True)
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            train_node(pack_nodes, data, "kept")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert max(seen) == stop_at                     # no step ran after the interrupt
+    assert open(path, "rb").read() == before
+    assert [f for f in os.listdir(pack_nodes[1]) if f.startswith(".")] == []
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/abs", "sub/dir", ".hidden", ""])
+def test_training_node_refuses_paths_as_names(pack_nodes, data, name):
+    with pytest.raises(ValueError, match="plain file name"):
+        train_node(pack_nodes, data, name, steps=1)
