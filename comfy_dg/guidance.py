@@ -33,6 +33,7 @@ class DGOptions:
     schedule: str = "constant"          # w(σ) inside the window: constant, linear_up, linear_down, cosine
     boost: float = 1.0                  # weight multiplier for samples with log r < 0 (1 = off)
     first_evaluation_only: bool = False  # guide only each step's first model evaluation
+    class_label: int = -1               # for a class-conditional discriminator: the class to guide toward (-1: none)
 
     def validate(self):
         if not math.isfinite(self.weight):
@@ -49,7 +50,18 @@ class DGOptions:
             raise ValueError(f"comfy-dg: unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if not (math.isfinite(self.boost) and self.boost >= 0.0):
             raise ValueError(f"comfy-dg: boost must be ≥ 0 (1 = off), got {self.boost}")
+        if type(self.class_label) is not int or self.class_label < -1:
+            raise ValueError(f"comfy-dg: class_label must be -1 (none) or a class index, got {self.class_label}")
         return self
+
+    def check_labels(self, discriminator):
+        classes = getattr(getattr(discriminator, "info", None), "num_classes", 0)
+        if self.class_label >= 0 and not classes:
+            raise ValueError(f"comfy-dg: class_label {self.class_label} was given but the discriminator is not "
+                             "class-conditional; set class_label to -1.")
+        if self.class_label >= classes > 0:
+            raise ValueError(f"comfy-dg: class_label {self.class_label} is out of range: the discriminator knows "
+                             f"classes 0..{classes - 1}.")
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -80,10 +92,11 @@ def log_ratio_and_grad(discriminator, model_sampling, x: torch.Tensor, sigma: to
     return logit.detach(), grad.detach()
 
 
-def _resolve(discriminator, base_model):
-    """The pack's discriminators bind to the model (the features one needs its network); others are used as-is."""
+def _resolve(discriminator, base_model, labels=None):
+    """The pack's discriminators bind to the model (the features one needs its network) and to the class
+    labels; any other module is used as-is."""
     bind = getattr(discriminator, "bind", None)
-    return bind(base_model) if callable(bind) else discriminator
+    return bind(base_model, labels) if callable(bind) else discriminator
 
 
 class GuidancePatch:
@@ -134,7 +147,8 @@ class GuidancePatch:
         rows = active.nonzero().reshape(-1)
 
         self._to(x.device)
-        fn = _resolve(self.discriminator, base_model)
+        labels = None if opts.class_label < 0 else torch.full((len(rows),), opts.class_label, device=x.device)
+        fn = _resolve(self.discriminator, base_model, labels)
         xs, ss = x[rows], sigma[rows]
         logit, grad = log_ratio_and_grad(fn, ms, xs, ss)
 
@@ -178,16 +192,20 @@ class GuidancePatch:
 
 
 def guide(model, discriminator, weight: float = 1.0, start_percent: float = 0.0, end_percent: float = 1.0,
-          schedule: str = "constant", boost: float = 1.0, first_evaluation_only: bool = False):
+          schedule: str = "constant", boost: float = 1.0, first_evaluation_only: bool = False,
+          class_label: int = -1):
     """A clone of the ModelPatcher `model` whose denoiser is guided by `discriminator`.
 
     `discriminator` is one of the pack's discriminators (see load_discriminator) or any torch.nn.Module
     called as discriminator(x_in, sigma) -> logit log(d/(1−d)) of shape (B,), where
-    x_in = model_sampling.calculate_input(sigma, x) and sigma has shape (B,).
+    x_in = model_sampling.calculate_input(sigma, x) and sigma has shape (B,). For a class-conditional
+    discriminator, class_label picks the class to guide toward (-1: unconditional).
     """
     import comfy.patcher_extension as pe
 
-    options = DGOptions(weight, start_percent, end_percent, schedule, boost, first_evaluation_only).validate()
+    options = DGOptions(weight, start_percent, end_percent, schedule, boost, first_evaluation_only,
+                        class_label).validate()
+    options.check_labels(discriminator)
     check = getattr(discriminator, "check_compatible", None)
     if callable(check):
         check(model.model)

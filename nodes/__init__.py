@@ -4,10 +4,11 @@ from comfy_api.latest import ComfyExtension, io
 
 from .guide import DiscriminatorGuidance
 from .load import LoadDiscriminator
-from .train import EncodeRealImages, SampleFakeLatents, TrainDiscriminator
+from .train import CombineLatents, EncodeRealImages, SampleFakeLatents, TrainDiscriminator
 
 
 class DiscriminatorGuidanceExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadDiscriminator, DiscriminatorGuidance, EncodeRealImages, SampleFakeLatents, TrainDiscriminator]
+        return [LoadDiscriminator, DiscriminatorGuidance, EncodeRealImages, SampleFakeLatents, CombineLatents,
+                TrainDiscriminator]

@@ -37,6 +37,9 @@ class DiscriminatorGuidance(io.ComfyNode):
                                  tooltip="Guide only the first model evaluation of each step (the official code "
                                          "does so with Heun). No effect on one-evaluation samplers; for heun, "
                                          "dpm_2, dpmpp_sde, ... it skips their intermediate evaluations."),
+                io.Int.Input("class_label", default=-1, min=-1, max=100000,
+                             tooltip="For a class-conditional discriminator: the class to guide toward "
+                                     "(-1: unconditional)."),
             ],
             outputs=[io.Model.Output(tooltip="The guided model (a patched clone).")],
         )
@@ -50,7 +53,7 @@ class DiscriminatorGuidance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, discriminator, weight, start_percent, end_percent, schedule, boost,
-                first_evaluation_only) -> io.NodeOutput:
+                first_evaluation_only, class_label=-1) -> io.NodeOutput:
         return io.NodeOutput(guide(model, discriminator, weight=weight, start_percent=start_percent,
                                    end_percent=end_percent, schedule=schedule, boost=boost,
-                                   first_evaluation_only=first_evaluation_only))
+                                   first_evaluation_only=first_evaluation_only, class_label=class_label))

@@ -9,7 +9,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..comfy_dg.files import save_discriminator
-from ..comfy_dg.training.data import encode_folder, sample_fakes
+from ..comfy_dg.training.data import encode_folder, folder_labels, list_images, sample_fakes
 from ..comfy_dg.training.loop import TrainConfig, Trainer
 from ..comfy_dg.training.plot import plot_history
 from .load import FOLDER
@@ -52,15 +52,22 @@ class EncodeRealImages(io.ComfyNode):
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=8,
                              tooltip="Images are resized (shorter side) and center-cropped to this size."),
                 io.Int.Input("batch_size", default=8, min=1, max=256, tooltip="Images encoded at once."),
+                io.Boolean.Input("labels_from_subfolders", default=False,
+                                 tooltip="Class-conditional training: each image's class is its subfolder "
+                                         "(folder/<class>/image.png), classes numbered in name order."),
             ],
             outputs=[io.Latent.Output(display_name="real_latents")],
         )
 
     @classmethod
-    def execute(cls, folder, vae, resolution, batch_size) -> io.NodeOutput:
-        latents = encode_folder(image_folder(folder), vae, resolution, batch_size, cache_dir(),
+    def execute(cls, folder, vae, resolution, batch_size, labels_from_subfolders=False) -> io.NodeOutput:
+        path = image_folder(folder)
+        latents = encode_folder(path, vae, resolution, batch_size, cache_dir(),
                                 progress=progress_bar(1), should_stop=interrupted)
-        return io.NodeOutput({"samples": latents})
+        out = {"samples": latents}
+        if labels_from_subfolders:
+            out["dg_labels"], out["dg_classes"] = folder_labels(path, list_images(path))
+        return io.NodeOutput(out)
 
 
 class SampleFakeLatents(io.ComfyNode):
@@ -86,17 +93,50 @@ class SampleFakeLatents(io.ComfyNode):
                 io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES),
                 io.Int.Input("width", default=512, min=16, max=8192, step=8, tooltip="As the real images' resolution."),
                 io.Int.Input("height", default=512, min=16, max=8192, step=8),
+                io.Int.Input("class_label", default=-1, min=-1, max=100000,
+                             tooltip="Class-conditional training: the class these samples were prompted for "
+                                     "(-1: unconditional)."),
             ],
             outputs=[io.Latent.Output(display_name="fake_latents")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, count, batch_size, seed, steps, cfg, sampler_name, scheduler,
-                width, height) -> io.NodeOutput:
+                width, height, class_label=-1) -> io.NodeOutput:
         latents = sample_fakes(model, positive, negative, count, batch_size, seed, steps, cfg, sampler_name,
                                scheduler, width, height, cache_dir(), progress=progress_bar(count),
                                should_stop=interrupted)
-        return io.NodeOutput({"samples": latents})
+        out = {"samples": latents}
+        if class_label >= 0:
+            out["dg_labels"] = torch.full((len(latents),), class_label, dtype=torch.long)
+        return io.NodeOutput(out)
+
+
+class CombineLatents(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DGCombineLatents",
+            display_name="Combine Latents (DG)",
+            category=CATEGORY,
+            description="Joins two batches of training latents, keeping their class labels (e.g. fakes sampled "
+                        "for different classes). Both must be labelled, or neither.",
+            inputs=[io.Latent.Input("latents_a"), io.Latent.Input("latents_b")],
+            outputs=[io.Latent.Output(display_name="latents")],
+        )
+
+    @classmethod
+    def execute(cls, latents_a, latents_b) -> io.NodeOutput:
+        a, b = latents_a["samples"], latents_b["samples"]
+        if a.shape[1:] != b.shape[1:]:
+            raise ValueError(f"comfy-dg: cannot combine latents of shapes {tuple(a.shape[1:])} and {tuple(b.shape[1:])}")
+        out = {"samples": torch.cat([a, b])}
+        la, lb = latents_a.get("dg_labels"), latents_b.get("dg_labels")
+        if (la is None) != (lb is None):
+            raise ValueError("comfy-dg: one batch has class labels and the other has none; label both or neither")
+        if la is not None:
+            out["dg_labels"] = torch.cat([la, lb])
+        return io.NodeOutput(out)
 
 
 def output_path(filename: str) -> str:
@@ -154,7 +194,8 @@ class TrainDiscriminator(io.ComfyNode):
                              learning_rate=learning_rate, weight_decay=weight_decay,
                              heldout_fraction=heldout_fraction, eval_every=eval_every, patience=patience,
                              augment=augment, seed=seed)
-        trainer = Trainer(model, real_latents["samples"], fake_latents["samples"], config)
+        trainer = Trainer(model, real_latents["samples"], fake_latents["samples"], config,
+                          real_labels=real_latents.get("dg_labels"), fake_labels=fake_latents.get("dg_labels"))
         bar = comfy.utils.ProgressBar(steps)
         disc = trainer.run(on_step=lambda step, loss, record: bar.update_absolute(step, steps),
                            should_stop=interrupted)

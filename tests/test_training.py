@@ -9,9 +9,9 @@ import torch
 import comfy.model_management
 import comfy.utils
 import folder_paths
-from comfy_dg import load_discriminator, save_discriminator
+from comfy_dg import guide, load_discriminator, save_discriminator
 from comfy_dg.training import TrainConfig, Trainer, TrainingError
-from comfy_dg.training.data import DataError, encode_folder, read_cache, sample_fakes
+from comfy_dg.training.data import DataError, encode_folder, folder_labels, list_images, read_cache, sample_fakes
 from comfy_dg.training.plot import plot_history
 from comfy_dg.tiny import empty_conditioning, tiny_model, tiny_vae
 from conftest import REPO
@@ -132,6 +132,45 @@ def test_caches_are_reused_and_damaged_ones_rebuilt(data, monkeypatch):
     with torch.inference_mode():
         rebuilt = encode_folder(data["folder"], data["vae"], 64, 32, cache_dir=cache)
     assert sum(calls) == N and torch.equal(rebuilt, torch.zeros(N, 4, 8, 8))
+
+
+def test_class_conditional_training_and_guidance(data, tmp_path):
+    folder = write_digit_folder(str(tmp_path / "by_class"), N, by_class=True)
+    labels, names = folder_labels(folder, list_images(folder))
+    assert names == [str(d) for d in range(10)] and len(labels) == N
+    with torch.inference_mode():
+        real = encode_folder(folder, data["vae"], 64, 32)
+    fake_labels = torch.randint(10, (N,), generator=torch.Generator().manual_seed(0))
+    trainer = Trainer(data["model"], real, data["fake"], small_config(architecture="standalone", steps=80),
+                      real_labels=labels, fake_labels=fake_labels)
+    disc = trainer.run()
+    assert disc.info.num_classes == 10 and disc.label_embed.num_embeddings == 11
+    assert disc.info.training["heldout_bands"][0]["acc"] >= 0.9
+    path = str(tmp_path / "cond.safetensors")
+    save_discriminator(disc, path)
+    loaded = load_discriminator(path)
+    from probe import evaluate
+    pts = [(1.0, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)))]
+    outs = [evaluate(guide(data["model"], loaded, weight=2.0, class_label=k), pts)[0][2] for k in (-1, 3, 5)]
+    assert not torch.equal(outs[1], outs[2]) and not torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="classes 0..9"):
+        guide(data["model"], loaded, class_label=10)
+    unconditional = Trainer(data["model"], real, data["fake"], small_config(architecture="standalone", steps=1)).run()
+    with pytest.raises(ValueError, match="not class-conditional"):
+        guide(data["model"], unconditional, class_label=2)
+
+
+def test_bad_class_labels_are_refused(data):
+    real, fake = data["real"], data["fake"]
+    labels = torch.zeros(N, dtype=torch.long)
+    with pytest.raises(TrainingError, match="only one of real and fake"):
+        Trainer(data["model"], real, fake, small_config(), real_labels=labels)
+    with pytest.raises(TrainingError, match=f"must be {N} non-negative integers"):
+        Trainer(data["model"], real, fake, small_config(), real_labels=labels[:5], fake_labels=labels)
+    with pytest.raises(TrainingError, match="non-negative integers"):
+        Trainer(data["model"], real, fake, small_config(), real_labels=labels.float(), fake_labels=labels)
+    with pytest.raises(DataError, match="top level"):
+        folder_labels(data["folder"], list_images(data["folder"]))
 
 
 def test_plot_is_a_picture(data):

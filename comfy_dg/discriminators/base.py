@@ -5,6 +5,8 @@ from dataclasses import dataclass, field, asdict
 import torch
 from torch import nn
 
+from .layers import SigmaMLP
+
 
 class IncompatibleDiscriminator(ValueError):
     """The discriminator was trained for another kind of model than the one it is applied to."""
@@ -17,6 +19,7 @@ class DiscriminatorInfo:
     sigma_min: float = 0.0          # σ range seen in training
     sigma_max: float = float("inf")
     training: dict = field(default_factory=dict)   # provenance: real/fake counts, steps, held-out accuracy, ...
+    num_classes: int = 0            # > 0: class-conditional (labels 0..num_classes-1; no label = unconditional)
 
     def to_dict(self):
         d = asdict(self)
@@ -34,7 +37,7 @@ class DiscriminatorInfo:
         number = lambda v: type(v) in (int, float) and not math.isnan(v)  # noqa: E731 - bools are not numbers
         if not (type(info.latent_channels) is int and info.latent_channels > 0 and isinstance(info.model_family, str)
                 and number(info.sigma_min) and number(info.sigma_max) and 0 <= info.sigma_min <= info.sigma_max
-                and isinstance(info.training, dict)):
+                and isinstance(info.training, dict) and type(info.num_classes) is int and info.num_classes >= 0):
             raise TypeError("info fields have the wrong types or an empty σ range")
         return info
 
@@ -46,15 +49,6 @@ def model_family(base_model) -> str:
 
 def model_latent_channels(base_model) -> int:
     return int(base_model.latent_format.latent_channels)
-
-
-def sigma_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of c_noise = log(σ)/4 (EDM's noise conditioning), for any model type."""
-    c = sigma.clamp_min(1e-6).log().reshape(-1, 1) / 4.0
-    half = dim // 2
-    freqs = torch.exp(torch.linspace(0.0, math.log(1000.0), half, device=sigma.device, dtype=c.dtype))
-    angles = c * freqs * 10.0
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
 class Discriminator(nn.Module):
@@ -70,6 +64,21 @@ class Discriminator(nn.Module):
         """Hyper-parameters that rebuild the network (stored in the file's metadata)."""
         raise NotImplementedError
 
+    def _conditioning(self, emb_dim: int):
+        """The σ embedding, and for a class-conditional discriminator a label embedding added to it (the
+        paper's design). Index num_classes is "no label": trained with label dropout, used unconditionally."""
+        self.sigma_mlp = SigmaMLP(emb_dim)
+        if self.info.num_classes:
+            self.label_embed = nn.Embedding(self.info.num_classes + 1, emb_dim)
+
+    def condition(self, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.sigma_mlp(sigma)
+        if self.info.num_classes:
+            if labels is None:
+                labels = torch.full((len(sigma),), self.info.num_classes, dtype=torch.long, device=sigma.device)
+            emb = emb + self.label_embed(labels.to(device=sigma.device, dtype=torch.long))
+        return emb
+
     def check_compatible(self, base_model):
         channels = model_latent_channels(base_model)
         family = model_family(base_model)
@@ -83,5 +92,8 @@ class Discriminator(nn.Module):
                 f"comfy-dg: this discriminator was trained for {self.info.model_family} latents but the model "
                 f"is {family}. Their latent spaces differ; load a discriminator trained for {family}.")
 
-    def bind(self, base_model):
-        return self
+    def bind(self, base_model, labels=None):
+        """callable(x_in, sigma) -> logit for this model; `labels` (B,) for a class-conditional discriminator."""
+        if labels is None:
+            return self
+        return lambda x_in, sigma: self(x_in, sigma, labels)

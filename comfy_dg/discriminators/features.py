@@ -8,7 +8,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .base import Discriminator, DiscriminatorInfo, IncompatibleDiscriminator
-from .layers import AttentionPool, ResBlock, SigmaMLP, group_norm
+from .layers import AttentionPool, ResBlock, group_norm
 from .taps import TAPS, find_tap
 
 
@@ -22,7 +22,7 @@ class FeatureHeadDiscriminator(Discriminator):
             raise ValueError(f"comfy-dg: unknown feature tap {tap!r}; known: {', '.join(TAPS)}")
         self.tap, self.feature_channels, self.diffusion_model = tap, feature_channels, diffusion_model
         self.width, self.emb_dim = width, emb_dim
-        self.sigma_mlp = SigmaMLP(emb_dim)
+        self._conditioning(emb_dim)
         self.norm_in = group_norm(feature_channels)
         self.proj = nn.Conv2d(feature_channels, width, 1)
         self.block = ResBlock(width, width, emb_dim)
@@ -34,9 +34,9 @@ class FeatureHeadDiscriminator(Discriminator):
         return {"tap": self.tap, "feature_channels": self.feature_channels,
                 "diffusion_model": self.diffusion_model, "width": self.width, "emb_dim": self.emb_dim}
 
-    def head(self, features: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def head(self, features: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         dtype = self.proj.weight.dtype
-        emb = self.sigma_mlp(sigma.to(dtype))
+        emb = self.condition(sigma.to(dtype), labels)
         h = self.proj(self.norm_in(features.to(dtype)))
         h = self.block(h, emb)
         return self.out(self.pool(F.silu(self.norm_out(h)))).reshape(-1)
@@ -58,12 +58,12 @@ class FeatureHeadDiscriminator(Discriminator):
                 f"{self.diffusion_model}'s '{self.tap}', but this model gives {channels}: it was trained for a "
                 "different model. Train one for this checkpoint.")
 
-    def bind(self, base_model):
+    def bind(self, base_model, labels=None):
         tap = TAPS[self.tap]
 
         def logit(x_in, sigma):
-            return self.head(tap.features(base_model, x_in, sigma), sigma)
+            return self.head(tap.features(base_model, x_in, sigma), sigma, labels)
         return logit
 
-    def forward(self, features, sigma):
-        return self.head(features, sigma)
+    def forward(self, features, sigma, labels=None):
+        return self.head(features, sigma, labels)

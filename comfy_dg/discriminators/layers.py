@@ -1,9 +1,9 @@
 """Small building blocks shared by the discriminator networks."""
+import math
+
 import torch
 from torch import nn
 import torch.nn.functional as F
-
-from .base import sigma_embedding
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -45,6 +45,15 @@ class AttentionPool(nn.Module):
         q = self.query.expand(h.shape[0], -1, -1) + tokens.mean(dim=1, keepdim=True)
         pooled, _ = self.attn(q, tokens, tokens, need_weights=False)
         return pooled[:, 0]
+
+
+def sigma_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of c_noise = log(σ)/4 (EDM's noise conditioning), for any model type."""
+    c = sigma.clamp_min(1e-6).log().reshape(-1, 1) / 4.0
+    half = dim // 2
+    freqs = torch.exp(torch.linspace(0.0, math.log(1000.0), half, device=sigma.device, dtype=c.dtype))
+    angles = c * freqs * 10.0
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
 class SigmaMLP(nn.Module):

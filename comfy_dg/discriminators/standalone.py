@@ -4,7 +4,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .base import Discriminator, DiscriminatorInfo
-from .layers import AttentionPool, ResBlock, SigmaMLP, group_norm
+from .layers import AttentionPool, ResBlock, group_norm
 
 
 class StandaloneDiscriminator(Discriminator):
@@ -13,7 +13,7 @@ class StandaloneDiscriminator(Discriminator):
     def __init__(self, info: DiscriminatorInfo, width: int = 64, levels: int = 3, emb_dim: int = 128):
         super().__init__(info)
         self.width, self.levels, self.emb_dim = width, levels, emb_dim
-        self.sigma_mlp = SigmaMLP(emb_dim)
+        self._conditioning(emb_dim)
         self.conv_in = nn.Conv2d(info.latent_channels, width, 3, padding=1)
         chans = [width * min(2 ** i, 4) for i in range(levels)]
         self.blocks = nn.ModuleList()
@@ -30,9 +30,9 @@ class StandaloneDiscriminator(Discriminator):
     def config(self):
         return {"width": self.width, "levels": self.levels, "emb_dim": self.emb_dim}
 
-    def forward(self, x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_in: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         dtype = self.conv_in.weight.dtype
-        emb = self.sigma_mlp(sigma.to(dtype))
+        emb = self.condition(sigma.to(dtype), labels)
         h = self.conv_in(x_in.to(dtype))
         for block, down in zip(self.blocks, self.downs):
             # Latents smaller than the network's reach stop being downsampled instead of vanishing.

@@ -30,6 +30,16 @@ def list_images(folder: str) -> list[str]:
     return files
 
 
+def folder_labels(folder: str, files: list[str]):
+    """Class labels from subfolder names: folder/<class>/image.png. Returns (labels (N,), class names)."""
+    classes = [os.path.relpath(f, folder).replace("\\", "/").split("/")[0] for f in files]
+    if any(c == os.path.basename(f) for c, f in zip(classes, files)):
+        raise DataError(f"comfy-dg: class labels come from subfolders (folder/<class>/image.png), but '{folder}' "
+                        "has images at its top level. Move each image into its class's subfolder.")
+    names = sorted(set(classes))
+    return torch.tensor([names.index(c) for c in classes]), names
+
+
 def load_image(path: str, resolution: int) -> torch.Tensor:
     """(resolution, resolution, 3) in [0, 1]: shorter side resized to `resolution`, then center-cropped."""
     try:

@@ -42,6 +42,7 @@ class TrainConfig:
     sigma_min: float | None = None       # σ range trained (default: the model's whole schedule)
     sigma_max: float | None = None
     width: int | None = None             # network width (default: the architecture's own)
+    label_dropout: float = 0.1           # class-conditional only: share of batches' labels replaced by "no label"
 
     def validate(self):
         if self.architecture not in ("features", "standalone"):
@@ -75,6 +76,20 @@ def _check_latents(name, latents, channels):
         raise TrainingError(f"comfy-dg: the {name} latents contain NaN or infinite values")
 
 
+def _check_labels(real, fake, real_labels, fake_labels):
+    """The number of classes (0: unconditional)."""
+    if real_labels is None and fake_labels is None:
+        return 0
+    if real_labels is None or fake_labels is None:
+        raise TrainingError("comfy-dg: class labels were given for only one of real and fake latents; a "
+                            "class-conditional discriminator needs labels for both (or for neither).")
+    for name, lat, lab in (("real", real, real_labels), ("fake", fake, fake_labels)):
+        if lab.shape != (len(lat),) or lab.dtype.is_floating_point or (lab < 0).any():
+            raise TrainingError(f"comfy-dg: the {name} class labels must be {len(lat)} non-negative integers, "
+                                f"one per latent; got shape {tuple(lab.shape)}")
+    return int(max(int(real_labels.max()), int(fake_labels.max()))) + 1
+
+
 def _split(n, fraction, generator):
     perm = torch.randperm(n, generator=generator)
     k = max(1, min(n - 1, round(n * fraction)))
@@ -83,9 +98,11 @@ def _split(n, fraction, generator):
 
 class Trainer:
     """Trains one discriminator for `model_patcher` on real and fake latents (N, C, H, W), as the VAE or the
-    sampler returns them (the model's process_latent_in is applied here)."""
+    sampler returns them (the model's process_latent_in is applied here). With class labels (N,) for both,
+    the discriminator is class-conditional."""
 
-    def __init__(self, model_patcher, real, fake, config: TrainConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, model_patcher, real, fake, config: TrainConfig, rank: int = 0, world_size: int = 1,
+                 real_labels=None, fake_labels=None):
         self.config = config.validate()
         self.model = model_patcher.model
         self.rank, self.world = rank, world_size
@@ -99,6 +116,8 @@ class Trainer:
         if config.batch_size % (2 * world_size):
             raise TrainingError(f"comfy-dg: batch_size {config.batch_size} must split evenly into real/fake halves "
                                 f"across {world_size} process(es)")
+        real_labels, fake_labels = (None if v is None else torch.as_tensor(v) for v in (real_labels, fake_labels))
+        self.num_classes = _check_labels(real, fake, real_labels, fake_labels)
         self.ms = self.model.model_sampling
         self.device = torch.device("cpu")
         with torch.inference_mode(False):
@@ -109,6 +128,10 @@ class Trainer:
         f_train, f_val = _split(len(fake), config.heldout_fraction, g)
         self.real, self.fake = real[r_train], fake[f_train]
         self.real_val, self.fake_val = real[r_val], fake[f_val]
+        if self.num_classes:
+            rl, fl = real_labels.long(), fake_labels.long()
+            self.labels = torch.cat([rl[r_train], fl[f_train]])         # indexed like cat(real, fake)
+            self.labels_val = torch.cat([rl[r_val], fl[f_val]])
         self.t_range = noise.timestep_range(self.ms, config.sigma_min, config.sigma_max)
         self.edges = noise.band_edges(self.ms, self.t_range, config.sigma_bands)
         self.augment = LatentAugment() if config.augment else None
@@ -129,7 +152,8 @@ class Trainer:
     def _build(self):
         c = self.config
         sig_lo, sig_hi = float(self.ms.sigma(torch.tensor(self.t_range[0]))), float(self.ms.sigma(torch.tensor(self.t_range[1])))
-        info = DiscriminatorInfo(model_latent_channels(self.model), model_family(self.model), sig_lo, sig_hi)
+        info = DiscriminatorInfo(model_latent_channels(self.model), model_family(self.model), sig_lo, sig_hi,
+                                 num_classes=self.num_classes)
         kwargs = {} if c.width is None else {"width": c.width}
         with torch.inference_mode(False):
             torch.manual_seed(_seed(c.seed, -2, 0))
@@ -165,14 +189,19 @@ class Trainer:
             x0 = self.augment(x0, _seed(c.seed, step, 1))
         sigma = noise.sample_sigmas(self.ms, self.t_range, c.batch_size, g)
         eps = torch.randn(x0.shape, generator=g)
+        classes = None
+        if self.num_classes:
+            classes = torch.cat([self.labels[ir], self.labels[len(self.real) + i_f]])
+            drop = torch.rand(c.batch_size, generator=g) < c.label_dropout
+            classes = torch.where(drop, torch.full_like(classes, self.num_classes), classes)
         rows = slice(self.rank, None, self.world)       # this process's share of the global batch
-        return x0[rows], sigma[rows], eps[rows], labels[rows]
+        return x0[rows], sigma[rows], eps[rows], labels[rows], None if classes is None else classes[rows]
 
     def train_step(self):
         with torch.inference_mode(False), torch.enable_grad():
-            x0, sigma, eps, labels = self._batch(self.step)
+            x0, sigma, eps, labels, classes = self._batch(self.step)
             self.disc.train()
-            logit = self.net(self._inputs(x0, sigma, eps), sigma)
+            logit = self.net(self._inputs(x0, sigma, eps), sigma, classes)
             loss = F.binary_cross_entropy_with_logits(logit, labels)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -195,8 +224,10 @@ class Trainer:
             t = self.t_range[0] + n_t * (b + torch.rand(len(x0), generator=g)) / c.sigma_bands
             sigma = self.ms.sigma(t).float()
             eps = torch.randn(x0.shape, generator=g)
+            classes = self.labels_val if self.num_classes else None
             logits = torch.cat([self.disc(self._inputs(x0[i:i + 256], sigma[i:i + 256], eps[i:i + 256]),
-                                          sigma[i:i + 256]) for i in range(0, len(x0), 256)])
+                                          sigma[i:i + 256], None if classes is None else classes[i:i + 256])
+                                for i in range(0, len(x0), 256)])
             correct = (logits > 0).float() == labels
             bce = F.binary_cross_entropy_with_logits(logits, labels)
             nr = len(self.real_val)
@@ -252,7 +283,7 @@ class Trainer:
             "heldout_accuracy": round(best["acc"], 4),
             "heldout_bands": [{k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v)
                                for k, v in b.items()} for b in best["bands"]],
-            "config": dataclasses.asdict(self.config), "processes": self.world})
+            "config": dataclasses.asdict(self.config), "processes": self.world, "num_classes": self.num_classes})
         return disc
 
     # --- resumable state ----------------------------------------------------------------------------
