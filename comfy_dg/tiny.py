@@ -86,14 +86,113 @@ def tiny_model(model_type: str = "EPS", seed: int = 0, family: str = "SD15", sta
     return patcher
 
 
+def _init_transformer_weights(module: torch.nn.Module, seed: int):
+    """_init_weights, then what a transformer needs besides: RMSNorm scales at 1 (_init_weights would zero
+    them: `scale` is not named `weight`) and MMDiT's fixed positional-embedding buffer (left uninitialised)."""
+    _init_weights(module, seed)
+    for name, p in module.named_parameters():
+        if p.ndim == 1 and name.endswith("scale"):
+            p.data.fill_(1.0)
+    pos_embed = getattr(module, "pos_embed", None)
+    if isinstance(pos_embed, torch.Tensor):
+        from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed_torch
+        side = module.pos_embed_max_size
+        pos_embed.copy_(get_2d_sincos_pos_embed_torch(module.hidden_size, side, side).reshape(pos_embed.shape))
+
+
+def _tiny_patcher(model_class, config_class, unet_config, seed, state_dict, dtype, spec):
+    import comfy.model_management
+    import comfy.model_patcher
+    with torch.inference_mode(False):
+        config = config_class(unet_config)
+        config.set_inference_dtype(dtype, None)
+        model = model_class(config, device="cpu")
+        if state_dict is None:
+            _init_transformer_weights(model.diffusion_model, seed)
+        else:
+            model.diffusion_model.load_state_dict(state_dict)
+        model.diffusion_model.to(dtype)
+        model.eval()
+    load = comfy.model_management.get_torch_device()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
+    patcher.tiny_spec = spec
+    return patcher
+
+
+def tiny_flux_config(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=32, vec_in_dim=32,
+                     guidance_embed=True):
+    head = hidden_size // num_heads
+    axes = [head - 2 * (3 * head // 8), 3 * head // 8, 3 * head // 8]     # RoPE axes (index, row, column)
+    return {
+        "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": vec_in_dim,
+        "context_in_dim": context_in_dim, "hidden_size": hidden_size, "mlp_ratio": 4.0, "num_heads": num_heads,
+        "depth": depth, "depth_single_blocks": depth_single_blocks, "axes_dim": axes, "theta": 10000,
+        "patch_size": 2, "qkv_bias": True, "guidance_embed": guidance_embed,
+    }
+
+
+def tiny_flux(seed: int = 0, state_dict=None, dtype=torch.float32):
+    """A ModelPatcher around a real comfy.model_base.Flux (Flux.1-dev layout: guidance-distilled, pooled
+    vector input, patch size 2, 16 latent channels) at a tiny size: hidden 64, 2 heads, 2 double + 2 single
+    blocks, 32-wide text context and pooled vector."""
+    import comfy.model_base
+    import comfy.supported_models
+
+    class TinyFlux(comfy.supported_models.Flux):
+        unet_config = {}
+        unet_extra_config = {}
+
+    return _tiny_patcher(comfy.model_base.Flux, TinyFlux, tiny_flux_config(), seed, state_dict, dtype,
+                         {"arch": "flux"})
+
+
+def tiny_sd3_config(depth=3, context_in_features=32, adm_in_channels=32, pos_embed_max_size=16):
+    hidden = 64 * depth     # MMDiT's own rule: hidden = 64·depth, depth heads of 64
+    return {
+        "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": depth, "input_size": None,
+        "adm_in_channels": adm_in_channels,
+        "context_embedder_config": {"target": "torch.nn.Linear",
+                                    "params": {"in_features": context_in_features, "out_features": hidden}},
+        "num_patches": pos_embed_max_size ** 2, "pos_embed_max_size": pos_embed_max_size,
+        "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [],
+    }
+
+
+def tiny_sd3(seed: int = 0, state_dict=None, dtype=torch.float32):
+    """A ModelPatcher around a real comfy.model_base.SD3 (MMDiT, as detected from an SD3 checkpoint:
+    pooled `y` input, text-context embedder, cropped positional embedding) at a tiny size: depth 3 (MMDiT makes
+    that hidden 192 with 3 heads, and 3 joint blocks, so the middle one, index 1, has a block after it), 32-wide
+    context and pooled vector, latents up to 32×32."""
+    import comfy.model_base
+    import comfy.supported_models
+
+    class TinySD3(comfy.supported_models.SD3):
+        unet_config = {}
+        unet_extra_config = {}
+
+    return _tiny_patcher(comfy.model_base.SD3, TinySD3, tiny_sd3_config(), seed, state_dict, dtype, {"arch": "sd3"})
+
+
+def _context_and_pooled_dims(unet_config):
+    """(text-context width, pooled-vector width or None) of a UNet, Flux or MMDiT config."""
+    context = unet_config.get("context_dim") or unet_config.get("context_in_dim") \
+        or ((unet_config.get("context_embedder_config") or {}).get("params") or {}).get("in_features")
+    if not context:
+        raise ValueError("comfy-dg: this model's config names no text-context width")
+    return int(context), unet_config.get("adm_in_channels") or unet_config.get("vec_in_dim")
+
+
 def empty_conditioning(model_patcher, batch: int = 1, tokens: int = 1):
-    """Positive/negative CONDITIONING for a tiny model: context vectors of its context_dim."""
-    cfg = model_patcher.model.model_config.unet_config
+    """Positive/negative CONDITIONING for a tiny model: context vectors of its context width (UNet
+    context_dim, Flux context_in_dim, MMDiT context_embedder in_features) and, where the model takes one, a zero
+    pooled_output of its vector width (SDXL-style adm_in_channels, Flux vec_in_dim, SD3 adm_in_channels).
+    Flux's guidance comes from ComfyUI's default (3.5) as for a conditioning without a FluxGuidance node."""
+    context_dim, pooled_dim = _context_and_pooled_dims(model_patcher.model.model_config.unet_config)
     g = torch.Generator().manual_seed(1)
-    pos = torch.randn(1, tokens, cfg["context_dim"], generator=g)
+    pos = torch.randn(1, tokens, context_dim, generator=g)
     extra = {}
-    if cfg.get("adm_in_channels"):
-        extra = {"pooled_output": torch.zeros(1, cfg["adm_in_channels"])}
+    if pooled_dim:
+        extra = {"pooled_output": torch.zeros(1, pooled_dim)}
     return [[pos, dict(extra)]], [[torch.zeros_like(pos), dict(extra)]]
 
 
@@ -110,7 +209,9 @@ def tiny_vae(seed: int = 0, latent_channels: int = 4):
         ae = AutoencoderKL(**config["params"])
         _init_weights(ae, seed)
         sd = {k: v.detach().clone() for k, v in ae.state_dict().items()}
-    return comfy.sd.VAE(sd=sd, config=config)
+    vae = comfy.sd.VAE(sd=sd, config=config)
+    vae.latent_channels = latent_channels     # comfy.sd.VAE assumes 4 for a VAE given by its config
+    return vae
 
 
 TINY_KEY = "comfy_dg.tiny_checkpoint"
@@ -149,7 +250,9 @@ def load_tiny_checkpoint(path):
     sd = load_file(str(path))
     model_sd = {k[6:]: v for k, v in sd.items() if k.startswith("model.")}
     vae_sd = {k[4:]: v for k, v in sd.items() if k.startswith("vae.")}
-    model = tiny_model(state_dict=model_sd, **facts["spec"])
+    spec = dict(facts["spec"])
+    builder = {"unet": tiny_model, "flux": tiny_flux, "sd3": tiny_sd3}[spec.pop("arch", "unet")]
+    model = builder(state_dict=model_sd, **spec)
     vae = tiny_vae(latent_channels=facts["vae_latent_channels"])
     with torch.inference_mode(False):
         vae.first_stage_model.load_state_dict(vae_sd)

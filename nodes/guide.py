@@ -39,7 +39,7 @@ class DiscriminatorGuidance(io.ComfyNode):
                                          "dpm_2, dpmpp_sde, ... it skips their intermediate evaluations."),
                 io.Int.Input("class_label", default=-1, min=-1, max=100000,
                              tooltip="For a class-conditional discriminator: the class to guide toward "
-                                     "(-1: unconditional)."),
+                                     "(-1: unconditional).", optional=True),
             ],
             outputs=[io.Model.Output(tooltip="The guided model (a patched clone).")],
         )

@@ -22,6 +22,12 @@ def safe_path(name: str) -> str:
     return path
 
 
+def listed():
+    """Discriminator files, less the training CLI's working files if it was pointed at this folder."""
+    return [n for n in folder_paths.get_filename_list(FOLDER)
+            if not n.endswith(".train-state.safetensors") and not any(p.endswith(".cache") for p in n.split("/")[:-1])]
+
+
 class LoadDiscriminator(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -32,7 +38,7 @@ class LoadDiscriminator(io.ComfyNode):
             description="Loads a discriminator (.safetensors made by comfy-dg) from models/discriminators, for "
                         "Discriminator Guidance. Pickle files (.pt/.ckpt) are refused: they can run code.",
             inputs=[
-                io.Combo.Input("discriminator_name", options=folder_paths.get_filename_list(FOLDER),
+                io.Combo.Input("discriminator_name", options=listed(),
                                tooltip="A file in models/discriminators."),
             ],
             outputs=[Discriminator.Output(tooltip="The discriminator d(x, σ), for Discriminator Guidance.")],

@@ -54,7 +54,8 @@ class EncodeRealImages(io.ComfyNode):
                 io.Int.Input("batch_size", default=8, min=1, max=256, tooltip="Images encoded at once."),
                 io.Boolean.Input("labels_from_subfolders", default=False,
                                  tooltip="Class-conditional training: each image's class is its subfolder "
-                                         "(folder/<class>/image.png), classes numbered in name order."),
+                                         "(folder/<class>/image.png), classes numbered in name order.",
+                                 optional=True),
             ],
             outputs=[io.Latent.Output(display_name="real_latents")],
         )
@@ -95,7 +96,7 @@ class SampleFakeLatents(io.ComfyNode):
                 io.Int.Input("height", default=512, min=16, max=8192, step=8),
                 io.Int.Input("class_label", default=-1, min=-1, max=100000,
                              tooltip="Class-conditional training: the class these samples were prompted for "
-                                     "(-1: unconditional)."),
+                                     "(-1: unconditional).", optional=True),
             ],
             outputs=[io.Latent.Output(display_name="fake_latents")],
         )

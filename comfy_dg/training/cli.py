@@ -117,7 +117,7 @@ def state_path(out: str) -> str:
     return out_stem(out) + ".train-state.safetensors"
 
 
-def check_args(a):
+def check_args(a, world=1):
     """Everything that can be checked before loading the checkpoint."""
     import comfy.samplers
     if not a.out.endswith(".safetensors"):
@@ -154,6 +154,9 @@ def check_args(a):
         from .data import list_images
         list_images(a.real)           # a missing or empty folder fails now, before the checkpoint is loaded
     train_config(a).validate()
+    if a.batch_size % (2 * world):
+        raise CLIError(f"comfy-dg: --batch-size {a.batch_size} must split evenly into real and fake halves across "
+                       f"{world} process(es): make it a multiple of {2 * world}")
 
 
 # --- processes -----------------------------------------------------------------------------------------
@@ -250,17 +253,14 @@ def read_latents(path, what):
 
 
 class Bars:
-    """A progress bar per phase, drawn by rank 0 only."""
+    """The progress bar of one data phase (rank 0 alone prepares data); `used` tells work from a cache hit."""
 
-    def __init__(self, enabled):
-        self.enabled, self.bar = enabled, None
-        self.used = False
+    def __init__(self):
+        self.bar, self.used = None, False
 
     def callback(self, desc, unit):
         def progress(done, total):
             self.used = True
-            if not self.enabled:
-                return
             from tqdm import tqdm
             if self.bar is None:
                 self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
@@ -286,10 +286,12 @@ def prepare_data(a, model, clip, vae, tiny, cache):
     if a.real is not None:
         resolution = a.resolution or 512
         count = len(list_images(a.real))
-        bars = Bars(True)
-        real = encode_folder(a.real, vae, resolution, a.encode_batch, cache,
-                             progress=bars.callback("encoding real images", "img"))
-        bars.close()
+        bars = Bars()
+        try:
+            real = encode_folder(a.real, vae, resolution, a.encode_batch, cache,
+                                 progress=bars.callback("encoding real images", "img"))
+        finally:
+            bars.close()
         say(f"real: {len(real)} images of {a.real} at {resolution}px -> latents {tuple(real.shape[1:])}"
             f"{'' if bars.used else ' (from the cache)'}")
         assert len(real) == count
@@ -324,10 +326,13 @@ def prepare_data(a, model, clip, vae, tiny, cache):
                            "give --fake-latents instead.")
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(a.prompt))
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(a.negative))
-    bars = Bars(True)
-    fake = sample_fakes(model, positive, negative, count, a.fake_batch, a.seed, a.sample_steps, a.cfg, a.sampler,
-                        a.scheduler, width, height, cache, progress=bars.callback("sampling fakes", "img"))
-    bars.close()
+    bars = Bars()
+    try:
+        fake = sample_fakes(model, positive, negative, count, a.fake_batch, a.seed, a.sample_steps, a.cfg,
+                            a.sampler, a.scheduler, width, height, cache,
+                            progress=bars.callback("sampling fakes", "img"))
+    finally:
+        bars.close()
     say(f"fake: {len(fake)} samples ({a.sampler}/{a.scheduler}, {a.sample_steps} steps, cfg {a.cfg}, seed {a.seed})"
         f"{'' if bars.used else ' (from the cache)'}")
     provenance["fake"] = {"sampled": count, "sampler": a.sampler, "scheduler": a.scheduler,
@@ -384,6 +389,7 @@ def write_state(path, trainer, identity):
 
 def resume(procs, a, trainer, identity, path):
     """Load the saved state into `trainer` when there is one for this very run; returns its step or None."""
+    from .loop import TrainingError
     blob = None
     if procs.main:
         if a.restart and os.path.exists(path):
@@ -414,7 +420,12 @@ def resume(procs, a, trainer, identity, path):
             detail = f" (training settings that differ: {', '.join(diff)})"
         raise CLIError(f"comfy-dg: '{path}' holds the state of a run with another {' and '.join(what)}{detail}. "
                        f"Run with the same settings to resume it, or pass --restart to discard it.")
-    trainer.load_state(tensors, facts)
+    try:
+        trainer.load_state(tensors, facts)
+    except TrainingError:
+        raise
+    except Exception as e:      # tensors that do not fit this discriminator: a damaged or hand-edited file
+        raise CLIError(f"comfy-dg: cannot resume from '{path}' ({type(e).__name__}: {e}). {fix}") from None
     return trainer.step
 
 
@@ -511,7 +522,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
-        check_args(a)
+        check_args(a, procs.world)
         procs.start(a.dist_timeout)
         train(a, procs, run)
         return 0

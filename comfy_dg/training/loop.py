@@ -102,7 +102,7 @@ class Trainer:
     the discriminator is class-conditional."""
 
     def __init__(self, model_patcher, real, fake, config: TrainConfig, rank: int = 0, world_size: int = 1,
-                 real_labels=None, fake_labels=None):
+                 real_labels=None, fake_labels=None, device=None):
         self.config = config.validate()
         self.model = model_patcher.model
         self.rank, self.world = rank, world_size
@@ -119,7 +119,8 @@ class Trainer:
         real_labels, fake_labels = (None if v is None else torch.as_tensor(v) for v in (real_labels, fake_labels))
         self.num_classes = _check_labels(real, fake, real_labels, fake_labels)
         self.ms = self.model.model_sampling
-        self.device = torch.device("cpu")
+        # Data stays on the CPU; each batch, the discriminator and (features) the frozen model use `device`.
+        self.device = torch.device(device) if device is not None else torch.device(model_patcher.load_device)
         with torch.inference_mode(False):
             real = self.model.process_latent_in(real.detach().clone().float())
             fake = self.model.process_latent_in(fake.detach().clone().float())
@@ -135,11 +136,16 @@ class Trainer:
         self.t_range = noise.timestep_range(self.ms, config.sigma_min, config.sigma_max)
         self.edges = noise.band_edges(self.ms, self.t_range, config.sigma_bands)
         self.augment = LatentAugment() if config.augment else None
-        self.disc = self._build()
+        with torch.inference_mode(False):
+            self.disc = self._build().to(self.device)
         self.tap = find_tap(self.model.diffusion_model) if config.architecture == "features" else None
+        if self.tap is not None and self.device.type != "cpu":
+            import comfy.model_management
+            comfy.model_management.load_models_gpu([model_patcher])
         self.net = self.disc
         if world_size > 1:
-            self.net = torch.nn.parallel.DistributedDataParallel(self.disc)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.disc, device_ids=ids)
         with torch.inference_mode(False):
             self.opt = torch.optim.Adam(self.disc.parameters(), lr=config.learning_rate,
                                         weight_decay=config.weight_decay)
@@ -163,8 +169,8 @@ class Trainer:
             if tap is None:
                 raise TrainingError(
                     f"comfy-dg: the features architecture has no feature tap for a "
-                    f"{type(self.model.diffusion_model).__name__} yet (UNet models: SD1.x, SD2, SDXL); train a "
-                    "standalone discriminator for this model.")
+                    f"{type(self.model.diffusion_model).__name__} yet (it has taps for UNets — SD1.x, SD2, SDXL — "
+                    "Flux and SD3); train a standalone discriminator for this model.")
             return FeatureHeadDiscriminator(info, tap=tap.name, feature_channels=tap.channels(self.model),
                                             diffusion_model=type(self.model.diffusion_model).__name__, **kwargs)
 
@@ -195,7 +201,9 @@ class Trainer:
             drop = torch.rand(c.batch_size, generator=g) < c.label_dropout
             classes = torch.where(drop, torch.full_like(classes, self.num_classes), classes)
         rows = slice(self.rank, None, self.world)       # this process's share of the global batch
-        return x0[rows], sigma[rows], eps[rows], labels[rows], None if classes is None else classes[rows]
+        d = self.device
+        return (x0[rows].to(d), sigma[rows].to(d), eps[rows].to(d), labels[rows].to(d),
+                None if classes is None else classes[rows].to(d))
 
     def train_step(self):
         with torch.inference_mode(False), torch.enable_grad():
@@ -224,10 +232,12 @@ class Trainer:
             t = self.t_range[0] + n_t * (b + torch.rand(len(x0), generator=g)) / c.sigma_bands
             sigma = self.ms.sigma(t).float()
             eps = torch.randn(x0.shape, generator=g)
-            classes = self.labels_val if self.num_classes else None
-            logits = torch.cat([self.disc(self._inputs(x0[i:i + 256], sigma[i:i + 256], eps[i:i + 256]),
-                                          sigma[i:i + 256], None if classes is None else classes[i:i + 256])
-                                for i in range(0, len(x0), 256)])
+            classes = self.labels_val.to(self.device) if self.num_classes else None
+            d = self.device
+            logits = torch.cat([self.disc(self._inputs(x0[i:i + 256].to(d), sigma[i:i + 256].to(d),
+                                                       eps[i:i + 256].to(d)),
+                                          sigma[i:i + 256].to(d), None if classes is None else classes[i:i + 256])
+                                for i in range(0, len(x0), 256)]).float().cpu()
             correct = (logits > 0).float() == labels
             bce = F.binary_cross_entropy_with_logits(logits, labels)
             nr = len(self.real_val)
@@ -272,7 +282,7 @@ class Trainer:
 
     def best_discriminator(self):
         _, best_step, state = self.best
-        disc = copy.deepcopy(self.disc)
+        disc = copy.deepcopy(self.disc).cpu()
         disc.load_state_dict(state)
         disc.eval().requires_grad_(False)
         best = next(r for r in self.history if r["step"] == best_step)
@@ -289,13 +299,13 @@ class Trainer:
     # --- resumable state ----------------------------------------------------------------------------
     def state(self):
         """Tensors and JSON-able facts that let a later run continue exactly where this one is."""
-        tensors = {f"disc.{k}": v for k, v in self.disc.state_dict().items()}
+        tensors = {f"disc.{k}": v.cpu() for k, v in self.disc.state_dict().items()}
         if self.best is not None:
-            tensors.update({f"best.{k}": v for k, v in self.best[2].items()})
+            tensors.update({f"best.{k}": v.cpu() for k, v in self.best[2].items()})
         opt = self.opt.state_dict()
         for idx, s in opt["state"].items():
             for name, v in s.items():
-                tensors[f"opt.{idx}.{name}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+                tensors[f"opt.{idx}.{name}"] = v.cpu() if isinstance(v, torch.Tensor) else torch.tensor(v)
         facts = {"step": self.step, "history": self.history, "param_groups": opt["param_groups"],
                  "best": None if self.best is None else [self.best[0], self.best[1]],
                  "evals_since_best": self.evals_since_best, "config": dataclasses.asdict(self.config)}
@@ -307,6 +317,7 @@ class Trainer:
                                 "same settings, or start a new run under another name.")
         with torch.inference_mode(False):
             self.disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
+            tensors = {k: v.to(self.device) if k.startswith("best.") else v for k, v in tensors.items()}
             state = {}
             for k, v in tensors.items():
                 if k.startswith("opt."):
