@@ -15,7 +15,8 @@ discriminator is written to --out only at the end (atomically: an interrupted ru
 then the state file is deleted.
 
 Under torchrun, rank 0 alone prepares the data (and writes every file); the others receive the latents from
-it, and each process trains on its own rows of every global batch (DistributedDataParallel, gloo backend).
+it, and each process trains on its own rows of every global batch (DistributedDataParallel: nccl on GPUs,
+gloo on the CPU).
 """
 import argparse
 import dataclasses
@@ -174,11 +175,18 @@ class Processes:
         return self.rank == 0
 
     def start(self, timeout_minutes: float):
+        self.cpu_group = None
         if self.world > 1:
             import torch.distributed as dist
-            # The Trainer keeps the discriminator and its batches on the CPU, so gradients are all-reduced by
-            # gloo (nccl only reduces CUDA tensors).
-            dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+            timeout = datetime.timedelta(minutes=timeout_minutes)
+            # The Trainer works on the model's load device: gradients are all-reduced by nccl on GPUs, gloo on
+            # the CPU; the data itself is shared from rank 0 as CPU bytes, over a gloo group.
+            if torch.cuda.is_available():
+                torch.cuda.set_device(self.local_rank)
+                dist.init_process_group("nccl", timeout=timeout)
+                self.cpu_group = dist.new_group(backend="gloo", timeout=timeout)
+            else:
+                dist.init_process_group("gloo", timeout=timeout)
             self.started = True
 
     def stop(self):
@@ -193,12 +201,12 @@ class Processes:
             return payload
         import torch.distributed as dist
         n = torch.tensor([len(payload) if self.main else 0], dtype=torch.int64)
-        dist.broadcast(n, 0)
+        dist.broadcast(n, 0, group=self.cpu_group)
         if int(n) == 0:
             return b""
         buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if self.main \
             else torch.empty(int(n), dtype=torch.uint8)
-        dist.broadcast(buf, 0)
+        dist.broadcast(buf, 0, group=self.cpu_group)
         return payload if self.main else buf.numpy().tobytes()
 
 
@@ -338,9 +346,6 @@ def prepare_data(a, model, clip, vae, tiny, cache):
     provenance["fake"] = {"sampled": count, "sampler": a.sampler, "scheduler": a.scheduler,
                           "steps": a.sample_steps, "cfg": a.cfg, "seed": a.seed,
                           **({} if tiny else {"prompt": a.prompt, "negative": a.negative})}
-    # Sampling may have loaded the model onto the GPU; the Trainer works on the CPU.
-    import comfy.model_management
-    comfy.model_management.unload_all_models()
     return real, fake, provenance
 
 
