@@ -5,13 +5,29 @@ import torch
 MODEL_TYPES = ("EPS", "V_PREDICTION", "FLOW", "EDM")
 
 
-def tiny_unet_config(model_channels=32, channel_mult=(1, 2), context_dim=32, in_channels=4, adm_in_channels=None):
+def digits_latent_format():
+    """A pixel-space "latent" for 8×8 grayscale images in [-1, 1]: one channel, no scaling. ComfyUI names a
+    model's family by its latent format's class, so this one is "Digits"."""
+    import comfy.latent_formats
+
+    class Digits(comfy.latent_formats.LatentFormat):
+        latent_channels = 1
+        latent_dimensions = 2
+        scale_factor = 1.0
+    return Digits
+
+
+def tiny_unet_config(model_channels=32, channel_mult=(1, 2), context_dim=32, in_channels=4, adm_in_channels=None,
+                     attention=True, num_res_blocks=1):
+    """attention=False: a UNet of ResBlocks only (no transformers; the prompt is then ignored), much faster."""
     levels = len(channel_mult)
+    depth = 1 if attention else 0
     return {
         "use_checkpoint": False, "image_size": 32, "in_channels": in_channels, "out_channels": in_channels,
-        "model_channels": model_channels, "num_res_blocks": [1] * levels, "channel_mult": list(channel_mult),
-        "transformer_depth": [1] * levels, "transformer_depth_output": [1] * (2 * levels),
-        "transformer_depth_middle": 1, "context_dim": context_dim,
+        "model_channels": model_channels, "num_res_blocks": [num_res_blocks] * levels,
+        "channel_mult": list(channel_mult), "transformer_depth": [depth] * levels,
+        "transformer_depth_output": [depth] * ((num_res_blocks + 1) * levels),
+        "transformer_depth_middle": 1 if attention else -1, "context_dim": context_dim,
         "use_linear_in_transformer": False, "adm_in_channels": adm_in_channels,
         "num_classes": "sequential" if adm_in_channels else None, "use_spatial_transformer": True, "legacy": False,
         "use_temporal_attention": False, "use_temporal_resblock": False,
@@ -59,13 +75,13 @@ def tiny_model(model_type: str = "EPS", seed: int = 0, family: str = "SD15", sta
     import comfy.model_patcher
     import comfy.supported_models
 
-    channels = 16 if family in ("Flux", "SD3") else 4
+    channels = {"Flux": 16, "SD3": 16, "Digits": 1}.get(family, 4)
     cfg = tiny_unet_config(in_channels=channels, adm_in_channels=32 if family == "SDXL" else None, **unet_kwargs)
 
     class TinyConfig(comfy.supported_models.SD15):
         unet_config = {}
         unet_extra_config = {}
-        latent_format = getattr(comfy.latent_formats, family)
+        latent_format = digits_latent_format() if family == "Digits" else getattr(comfy.latent_formats, family)
         sampling_settings = {"shift": 3.0} if model_type == "FLOW" else {}
 
     _PooledVectorModel = _pooled_vector_model()

@@ -20,7 +20,9 @@ def train_diffusion(model_patcher, latents, steps=500, batch_size=64, lr=2e-3, s
             p.requires_grad_(True)
         x_all = base.process_latent_in(latents.detach().clone().float())
         opt = torch.optim.AdamW(base.diffusion_model.parameters(), lr=lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+        # One-cycle learning rate (warm-up, then annealing); too short a run keeps it constant.
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1) \
+            if steps >= 50 else None
         t_range = timestep_range(ms)
         base.diffusion_model.train()
         for step in range(steps):
@@ -35,7 +37,8 @@ def train_diffusion(model_patcher, latents, steps=500, batch_size=64, lr=2e-3, s
             loss.backward()
             torch.nn.utils.clip_grad_norm_(base.diffusion_model.parameters(), 1.0)
             opt.step()
-            sched.step()
+            if sched is not None:
+                sched.step()
             losses.append(float(loss.detach()))
             if log_every and (step + 1) % log_every == 0:
                 print(f"step {step + 1}: loss {sum(losses[-log_every:]) / log_every:.4f}")

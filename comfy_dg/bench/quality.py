@@ -1,0 +1,228 @@
+"""Quality benchmark: does discriminator guidance bring samples closer to real data?
+
+    python -m comfy_dg.bench.quality [--smoke] [--seeds 3] [--samples 1000]
+
+Real data: sklearn's digits (1797 8×8 images), a stratified 70/30 split (seed 0); the 30% is used only for
+metrics. The model: a small real ComfyUI model (ComfyUI's SD1.5 UNet architecture at 1M parameters, EPS, on a
+one-channel pixel-space "Digits" latent) trained here on the 70%. Fakes: its samples through ComfyUI's sampler.
+Discriminators: the pack's Trainer, each architecture. Sampling with and without DG through comfy_dg.guide and
+ComfyUI's sampler, same seeds, heun 18 steps (karras), DG on each step's first evaluation (as the official
+code). Metrics against the held-out 30% in a digit classifier's feature space: FD and KID (torchmetrics),
+k-NN precision/recall (k = 3), classifier confidence; mean ± std over seeds; the floor is held-out vs an
+equal-size train subset. Every phase is cached under .cache/bench/ (delete it to start over).
+Prints a markdown table, writes a comparison grid (real | unguided | guided, same seeds) and ends with a JSON line.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from ..comfy_env import REPO
+
+CACHE = os.path.join(REPO, ".cache", "bench")
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+class Phase:
+    """A cached step: load its safetensors file if it exists, else compute and save it."""
+
+    def __init__(self, cache, name):
+        self.path = os.path.join(cache, name + ".safetensors")
+
+    def get(self, compute):
+        from safetensors.torch import load_file, save_file
+        if os.path.isfile(self.path):
+            return load_file(self.path)
+        out = compute()
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = self.path + ".tmp"
+        save_file({k: v.contiguous() for k, v in out.items()}, tmp)
+        os.replace(tmp, self.path)
+        return out
+
+
+def digits_split(seed=0):
+    """(train images, train labels, held-out images): (N, 1, 8, 8) in [-1, 1]."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    x = torch.tensor(d.images / 8.0 - 1.0, dtype=torch.float32)[:, None]
+    idx_train, idx_test = train_test_split(np.arange(len(x)), test_size=0.3, stratify=d.target, random_state=seed)
+    return x[idx_train], torch.tensor(d.target[idx_train]), x[idx_test]
+
+
+def percent_for_sigma(model_sampling, sigma):
+    """The schedule percent at which σ falls to `sigma` (bisection on percent_to_sigma)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if float(model_sampling.percent_to_sigma(mid)) > sigma:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def sample(model, n, seed, sampler, steps, batch=500):
+    import comfy.sample
+    from comfy_dg.tiny import empty_conditioning
+    pos, neg = empty_conditioning(model)
+    out = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        noise = torch.randn(b, 1, 8, 8, generator=torch.Generator().manual_seed(seed * 100003 + i))
+        with torch.inference_mode():
+            out.append(comfy.sample.sample(model, noise, steps, 1.0, sampler, "karras", pos, neg,
+                                           torch.zeros(b, 1, 8, 8), seed=seed, disable_pbar=True))
+    return torch.cat(out).clamp(-1, 1)
+
+
+def grid(rows, path, scale=6):
+    """rows: lists of (N, 1, 8, 8) batches side by side (real | unguided | guided)."""
+    from PIL import Image
+    blocks = []
+    for batch in rows:
+        imgs = ((batch[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        n = int(np.ceil(np.sqrt(len(imgs))))
+        canvas = np.full((n * 9, n * 9), 255, np.uint8)
+        for k, im in enumerate(imgs):
+            r, c = divmod(k, n)
+            canvas[r * 9:r * 9 + 8, c * 9:c * 9 + 8] = im
+        blocks.append(canvas)
+    sep = np.full((blocks[0].shape[0], 4), 128, np.uint8)
+    out = np.concatenate(sum([[b, sep] for b in blocks], [])[:-1], axis=1)
+    Image.fromarray(out).resize((out.shape[1] * scale, out.shape[0] * scale), Image.NEAREST).save(path)
+    return path
+
+
+def main(argv=None):
+    from comfy_dg.comfy_env import ensure_comfyui
+    ensure_comfyui()
+    from comfy_dg import guide, load_discriminator, save_discriminator
+    from comfy_dg.bench.metrics import evaluate, train_classifier
+    from comfy_dg.tiny import tiny_model
+    from comfy_dg.tiny_train import train_diffusion
+    from comfy_dg.training import TrainConfig, Trainer
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="a ≤2-minute run that checks the pipeline, not the numbers")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--model-steps", type=int, default=4000)
+    p.add_argument("--fakes", type=int, default=5000)
+    p.add_argument("--disc-steps", type=int, default=3000)
+    p.add_argument("--weights", default="0.5,1,2")
+    p.add_argument("--sampler", default="heun")
+    p.add_argument("--steps", type=int, default=18)
+    p.add_argument("--out", default=os.path.join(REPO, "out", "bench"))
+    p.add_argument("--cache", default=CACHE)
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.seeds, a.samples, a.model_steps, a.fakes, a.disc_steps, a.weights = 1, 64, 30, 128, 20, "1"
+        a.steps, a.cache, a.out = 6, os.path.join(a.cache, "smoke"), os.path.join(a.out, "smoke")
+    os.makedirs(a.out, exist_ok=True)
+    t_start = time.perf_counter()
+    x_train, y_train, x_test = digits_split()
+    log(f"data: {len(x_train)} train / {len(x_test)} held-out digits")
+
+    clf_state = Phase(a.cache, "classifier").get(lambda: train_classifier(x_train, y_train).state_dict())
+    from comfy_dg.bench.metrics import DigitClassifier
+    clf = DigitClassifier()
+    clf.load_state_dict(clf_state)
+    clf.eval().requires_grad_(False)
+
+    def make_model():
+        m = tiny_model("EPS", family="Digits", attention=False)
+        train_diffusion(m, x_train, steps=a.model_steps, batch_size=128, lr=2e-3)
+        return m.model.diffusion_model.state_dict()
+    t = time.perf_counter()
+    model = tiny_model("EPS", family="Digits", attention=False, state_dict=Phase(a.cache, "model").get(make_model))
+    log(f"model: ready ({time.perf_counter() - t:.0f} s)")
+
+    t = time.perf_counter()
+    fakes = Phase(a.cache, "fakes").get(lambda: {"x": sample(model, a.fakes, 999, a.sampler, a.steps)})["x"]
+    log(f"fakes: {len(fakes)} ({time.perf_counter() - t:.0f} s)")
+
+    discs = {}
+    for arch in ("features", "standalone"):
+        path = os.path.join(a.cache, f"disc_{arch}.safetensors")
+        t = time.perf_counter()
+        if not os.path.isfile(path):
+            cfg = TrainConfig(architecture=arch, steps=a.disc_steps, batch_size=128, eval_every=max(10, a.disc_steps // 20),
+                              patience=4, heldout_fraction=0.15)
+            save_discriminator(Trainer(model, x_train, fakes, cfg).run(), path)
+        discs[arch] = load_discriminator(path)
+        tr = discs[arch].info.training
+        log(f"discriminator {arch}: best step {tr['best_step']}, held-out acc by σ band "
+            f"{[round(b['acc'], 2) for b in tr['heldout_bands']]} ({time.perf_counter() - t:.0f} s)")
+
+    ms = model.model.model_sampling
+    windows = {"all": (0.0, 1.0), "σ≥0.045": (0.0, percent_for_sigma(ms, 0.045))}
+    configs = {"unguided": None}
+    for arch in discs:
+        for w in [float(v) for v in a.weights.split(",")]:
+            for wname, (s0, s1) in windows.items():
+                configs[f"{arch} w={w:g} {wname}"] = (arch, w, s0, s1)
+
+    results = {}
+    samples_by_config = {}
+    for name, spec in configs.items():
+        runs = []
+        t = time.perf_counter()
+        for seed in range(a.seeds):
+            key = "unguided" if spec is None else f"{spec[0]}_w{spec[1]:g}_{spec[2]:.4f}_{spec[3]:.4f}"
+
+            def compute(spec=spec, seed=seed):
+                m = model if spec is None else guide(model, discs[spec[0]], weight=spec[1], start_percent=spec[2],
+                                                      end_percent=spec[3], first_evaluation_only=True)
+                return {"x": sample(m, a.samples, seed, a.sampler, a.steps)}
+            x = Phase(a.cache, f"samples_{key}_s{seed}_n{a.samples}").get(compute)["x"]
+            if seed == 0:
+                samples_by_config[name] = x
+            runs.append(evaluate(clf, x_test, x))
+        results[name] = {k: (statistics.mean(r[k] for r in runs), statistics.pstdev(r[k] for r in runs))
+                         for k in runs[0]}
+        log(f"{name}: FD {results[name]['fd'][0]:.4f} ± {results[name]['fd'][1]:.4f} ({time.perf_counter() - t:.0f} s)")
+
+    floor = evaluate(clf, x_test, x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))
+                                            [:len(x_test)]])
+    base = results["unguided"]["fd"][0]
+    print("\n| sampling | FD ↓ | ΔFD | KID ×1e3 ↓ | precision ↑ | recall ↑ | confidence ↑ |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| floor (held-out vs train) | {floor['fd']:.4f} | | {floor['kid'] * 1e3:.2f} | {floor['precision']:.3f} | "
+          f"{floor['recall']:.3f} | {floor['confidence']:.3f} |")
+    for name, r in results.items():
+        delta = "" if name == "unguided" else f"{(r['fd'][0] / base - 1) * 100:+.1f}%"
+        print(f"| {name} | {r['fd'][0]:.4f} ± {r['fd'][1]:.4f} | {delta} | {r['kid'][0] * 1e3:.2f} ± {r['kid'][1] * 1e3:.2f} | "
+              f"{r['precision'][0]:.3f} | {r['recall'][0]:.3f} | {r['confidence'][0]:.3f} |")
+
+    def best_of(arch):
+        names = [n for n in results if n.startswith(arch)]
+        return min(names, key=lambda n: results[n]["fd"][0])
+    best = {arch: best_of(arch) for arch in discs}
+    g = grid([x_test[:64], samples_by_config["unguided"][:64], samples_by_config[best["features"]][:64]],
+             os.path.join(a.out, "comparison_grid.png"))
+    log(f"\ncomparison grid (real | unguided | {best['features']}): {g}")
+    summary = {"benchmark": "quality", "seeds": a.seeds, "samples": a.samples, "sampler": f"{a.sampler}/{a.steps}",
+               "floor_fd": round(floor["fd"], 4), "unguided_fd": round(base, 4),
+               "unguided_recall": round(results["unguided"]["recall"][0], 4), "minutes": round((time.perf_counter() - t_start) / 60, 1)}
+    for arch, name in best.items():
+        r = results[name]
+        summary[f"{arch}_best"] = name
+        summary[f"{arch}_fd"] = round(r["fd"][0], 4)
+        summary[f"{arch}_fd_change"] = round(r["fd"][0] / base - 1, 4)
+        summary[f"{arch}_recall_change"] = round(r["recall"][0] - results["unguided"]["recall"][0], 4)
+    with open(os.path.join(a.out, "quality.json"), "w") as f:
+        json.dump({"summary": summary, "results": results, "floor": floor}, f, indent=1)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
