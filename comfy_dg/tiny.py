@@ -234,15 +234,17 @@ TINY_KEY = "comfy_dg.tiny_checkpoint"
 
 
 def save_tiny_checkpoint(model_patcher, vae, path):
-    """A small model and its VAE in one .safetensors file, described by its metadata (no pickle)."""
+    """A small model and its VAE (None for a pixel-space model) in one .safetensors file, described by its
+    metadata (no pickle)."""
     import json
     from safetensors.torch import save_file
     sd = {f"model.{k}": v.detach().float().cpu().contiguous()
           for k, v in model_patcher.model.diffusion_model.state_dict().items()}
-    sd.update({f"vae.{k}": v.detach().float().cpu().contiguous()
-               for k, v in vae.first_stage_model.state_dict().items()})
+    if vae is not None:
+        sd.update({f"vae.{k}": v.detach().float().cpu().contiguous()
+                   for k, v in vae.first_stage_model.state_dict().items()})
     meta = {TINY_KEY: json.dumps({"spec": model_patcher.tiny_spec,
-                                  "vae_latent_channels": int(vae.latent_channels)})}
+                                  "vae_latent_channels": None if vae is None else int(vae.latent_channels)})}
     save_file(sd, str(path), metadata=meta)
 
 
@@ -256,7 +258,7 @@ def is_tiny_checkpoint(path) -> bool:
 
 
 def load_tiny_checkpoint(path):
-    """(ModelPatcher, VAE) from a file written by save_tiny_checkpoint."""
+    """(ModelPatcher, VAE or None) from a file written by save_tiny_checkpoint."""
     import json
     import comfy.sd
     from safetensors import safe_open
@@ -269,6 +271,8 @@ def load_tiny_checkpoint(path):
     spec = dict(facts["spec"])
     builder = {"unet": tiny_model, "flux": tiny_flux, "sd3": tiny_sd3}[spec.pop("arch", "unet")]
     model = builder(state_dict=model_sd, **spec)
+    if facts.get("vae_latent_channels") is None:
+        return model, None
     vae = tiny_vae(latent_channels=facts["vae_latent_channels"])
     with torch.inference_mode(False):
         vae.first_stage_model.load_state_dict(vae_sd)

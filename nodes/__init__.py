@@ -2,6 +2,8 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .compare import ComparisonGrid
+from .demo import DecodeDigits, LoadDemoModel
 from .guide import DiscriminatorGuidance
 from .load import LoadDiscriminator
 from .train import CombineLatents, EncodeRealImages, SampleFakeLatents, TrainDiscriminator
@@ -11,4 +13,4 @@ class DiscriminatorGuidanceExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadDiscriminator, DiscriminatorGuidance, EncodeRealImages, SampleFakeLatents, CombineLatents,
-                TrainDiscriminator]
+                TrainDiscriminator, ComparisonGrid, LoadDemoModel, DecodeDigits]

@@ -10,15 +10,15 @@ from comfy_dg import DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDisc
 from comfy_dg import load_discriminator, save_discriminator
 from comfy_dg.discriminators.taps import UNetMiddle
 from comfy_dg.tiny import empty_conditioning, tiny_model
-from conftest import COMFYUI
-from comfy_server import ComfyServer
+from conftest import COMFYUI, REPO
+from comfy_dg.comfy_server import ComfyServer
 from digits import write_digit_folder
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("comfy"))
-    srv = ComfyServer(COMFYUI, base)
+    srv = ComfyServer(COMFYUI, base, [os.path.join(REPO, "tests", "comfy_nodes", "dg_test_nodes")])
     folder = os.path.join(base, "models", "discriminators")
     torch.manual_seed(0)
     info = DiscriminatorInfo(4, "SD15")

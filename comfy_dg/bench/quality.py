@@ -123,6 +123,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=18)
     p.add_argument("--out", default=os.path.join(REPO, "out", "bench"))
     p.add_argument("--cache", default=CACHE)
+    p.add_argument("--export-demo", action="store_true",
+                   help="write the model and the features discriminator as the pack's embedded demo files (demo/)")
     a = p.parse_args(argv)
     if a.smoke:
         a.seeds, a.samples, a.model_steps, a.fakes, a.disc_steps, a.weights = 1, 64, 30, 128, 20, "1"
@@ -162,6 +164,14 @@ def main(argv=None):
         tr = discs[arch].info.training
         log(f"discriminator {arch}: best step {tr['best_step']}, held-out acc by σ band "
             f"{[round(b['acc'], 2) for b in tr['heldout_bands']]} ({time.perf_counter() - t:.0f} s)")
+
+    if a.export_demo:
+        from comfy_dg.demo import DISC_FILE, MODEL_FILE
+        from comfy_dg.tiny import save_tiny_checkpoint
+        os.makedirs(os.path.dirname(MODEL_FILE), exist_ok=True)
+        save_tiny_checkpoint(model, None, MODEL_FILE)
+        save_discriminator(discs["features"], DISC_FILE)
+        log(f"demo files written: {MODEL_FILE}, {DISC_FILE}")
 
     ms = model.model.model_sampling
     windows = {"all": (0.0, 1.0), "σ≥0.045": (0.0, percent_for_sigma(ms, 0.045))}

@@ -1,4 +1,4 @@
-"""A real ComfyUI server in a subprocess, with this pack installed, on a loopback port."""
+"""A real ComfyUI server in a subprocess, with this pack installed, on a loopback port (demo and tests)."""
 import json
 import os
 import shutil
@@ -19,7 +19,10 @@ def _free_port():
 
 
 class ComfyServer:
-    def __init__(self, comfyui: str, base: str):
+    """ComfyUI at `comfyui`, with user files, models and outputs under `base` (--base-directory) and this pack
+    linked into base/custom_nodes, plus any extra node packs given (folders copied beside it)."""
+
+    def __init__(self, comfyui: str, base: str, extra_node_packs=()):
         self.comfyui, self.base = comfyui, base
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -27,8 +30,8 @@ class ComfyServer:
         os.makedirs(nodes_dir, exist_ok=True)
         os.makedirs(os.path.join(base, "models", "discriminators"), exist_ok=True)
         os.symlink(REPO, os.path.join(nodes_dir, "comfy-dg"))
-        shutil.copytree(os.path.join(REPO, "tests", "comfy_nodes", "dg_test_nodes"),
-                        os.path.join(nodes_dir, "dg_test_nodes"))
+        for pack in extra_node_packs:
+            shutil.copytree(pack, os.path.join(nodes_dir, os.path.basename(pack)))
         self.log_path = os.path.join(base, "server.log")
         self.proc = None
 

@@ -1,0 +1,35 @@
+"""Pictures the pack shows: labelled grids of image batches, side by side."""
+import math
+
+import numpy as np
+import torch
+
+
+def tile(images: torch.Tensor, columns: int = 0, pad: int = 2) -> np.ndarray:
+    """(B, H, W, 3) in [0, 1] → one uint8 grid (rows × columns), white padding."""
+    imgs = (images.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    b, h, w, _ = imgs.shape
+    cols = columns or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for k in range(b):
+        r, c = divmod(k, cols)
+        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = imgs[k]
+    return out
+
+
+def side_by_side(panels, columns: int = 0) -> np.ndarray:
+    """[(images (B, H, W, 3), label)] → one labelled uint8 picture, panels left to right."""
+    from PIL import Image, ImageDraw
+    grids = [tile(images, columns) for images, _ in panels]
+    height = max(g.shape[0] for g in grids)
+    label_h, gap = 18, 12
+    width = sum(g.shape[1] for g in grids) + gap * (len(grids) - 1)
+    canvas = Image.new("RGB", (width, height + label_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for g, (_, label) in zip(grids, panels):
+        canvas.paste(Image.fromarray(g), (x, label_h))
+        draw.text((x + 2, 3), str(label), fill=(0, 0, 0))
+        x += g.shape[1] + gap
+    return np.array(canvas)

@@ -1,0 +1,55 @@
+import os
+
+import torch
+from comfy_api.latest import io
+
+from ..comfy_dg.tiny import empty_conditioning, load_tiny_checkpoint
+
+DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo")
+DEMO_MODEL = os.path.join(DEMO, "models", "digits_model.safetensors")
+CATEGORY = "model_patches/discriminator_guidance/demo"
+
+
+class LoadDemoModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DGLoadDemoModel",
+            display_name="Load Demo Model (DG)",
+            category=CATEGORY,
+            description="The pack's embedded demo: a small real ComfyUI diffusion model (SD1.5 UNet architecture, "
+                        "0.55M parameters) trained on sklearn's 8×8 handwritten digits, in pixel space. Runs on "
+                        "any CPU in seconds. Its discriminator is digits_dg.safetensors in Load Discriminator.",
+            inputs=[],
+            outputs=[io.Model.Output(), io.Conditioning.Output(display_name="positive"),
+                     io.Conditioning.Output(display_name="negative")],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        if not os.path.isfile(DEMO_MODEL):
+            raise FileNotFoundError(f"comfy-dg: the demo model {DEMO_MODEL} is missing; re-clone the pack or run "
+                                    "`python -m comfy_dg.bench.quality --export-demo` to rebuild it.")
+        model, _ = load_tiny_checkpoint(DEMO_MODEL)
+        return io.NodeOutput(model, *empty_conditioning(model))
+
+
+class DecodeDigits(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DGDecodeDigits",
+            display_name="Decode Digits (DG demo)",
+            category=CATEGORY,
+            description="Turns the demo model's pixel-space latents (1×8×8 in [-1, 1]) into images, enlarged.",
+            inputs=[io.Latent.Input("samples"), io.Int.Input("scale", default=8, min=1, max=64)],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, samples, scale) -> io.NodeOutput:
+        x = samples["samples"].float()
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"comfy-dg: Decode Digits takes the demo model's 1-channel latents; got {tuple(x.shape)}")
+        img = ((x.clamp(-1, 1) + 1) / 2).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+        return io.NodeOutput(img.movedim(1, -1).expand(-1, -1, -1, 3).contiguous())

@@ -1,0 +1,42 @@
+"""The speed/memory benchmark (`python -m comfy_dg.bench.speed`) end to end in its --smoke mode: three
+subprocess runs (unguided, standalone, features) on the small model, a markdown table and a final JSON line."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+from conftest import COMFYUI, REPO
+
+HEADER = "| config     |         s |    s/step | × unguided |   peak MB | +% memory |"
+CONFIGS = ("unguided", "standalone", "features")
+
+
+def test_smoke_prints_table_and_json():
+    env = dict(os.environ, COMFYUI_PATH=COMFYUI, COMFY_DG_DEVICE="cpu")
+    env.pop("PYTHONPATH", None)
+    p = subprocess.run([sys.executable, "-m", "comfy_dg.bench.speed", "--smoke"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=55)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    lines = p.stdout.strip().splitlines()
+    assert HEADER in lines
+    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ") and line != HEADER}
+    assert set(rows) == set(CONFIGS)
+    for label in ("standalone time", "features time", "standalone memory", "features memory"):
+        assert any(line.strip().startswith(label) and line.rstrip().endswith(("met", "not met")) for line in lines)
+
+    result = json.loads(lines[-1])
+    assert result["benchmark"] == "speed" and result["model"] == "tiny" and result["latent"] == 8
+    assert result["steps"] == 2
+    positive = [f"{c}_{k}" for c in CONFIGS for k in ("s", "s_per_step", "peak_mb")] + \
+        ["standalone_ratio", "features_ratio", "params"]
+    for key in positive:
+        assert isinstance(result[key], (int, float)) and math.isfinite(result[key]) and result[key] > 0, key
+    for c in CONFIGS:
+        assert math.isclose(result[f"{c}_s_per_step"], result[f"{c}_s"] / 2, rel_tol=1e-2)
+    assert math.isclose(result["standalone_ratio"], result["standalone_s"] / result["unguided_s"], rel_tol=1e-2)
+    # Memory overheads are relative differences of peak RSS: finite, and above -100% (noise can make them < 0).
+    for key in ("standalone_mem_overhead", "features_mem_overhead"):
+        assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > -1, key
+    assert set(result["met"]) == {"standalone_time", "features_time", "standalone_memory", "features_memory"}
+    assert result["targets"] == {"standalone_ratio": 1.05, "features_ratio": 1.35, "mem_overhead": 0.15}
