@@ -157,8 +157,10 @@ def main(argv=None):
         path = os.path.join(a.cache, f"disc_{arch}.safetensors")
         t = time.perf_counter()
         if not os.path.isfile(path):
-            cfg = TrainConfig(architecture=arch, steps=a.disc_steps, batch_size=128, eval_every=max(10, a.disc_steps // 20),
-                              patience=4, heldout_fraction=0.15)
+            # Digits have a handedness: no flips; shifts of up to one pixel.
+            cfg = TrainConfig(architecture=arch, steps=a.disc_steps, batch_size=128,
+                              eval_every=max(10, a.disc_steps // 20), patience=4, heldout_fraction=0.15,
+                              flip=False, translate=0.125)
             save_discriminator(Trainer(model, x_train, fakes, cfg).run(), path)
         discs[arch] = load_discriminator(path)
         tr = discs[arch].info.training

@@ -37,6 +37,8 @@ class TrainConfig:
     eval_every: int = 100
     patience: int = 5                    # evaluations without held-out improvement before stopping; 0 = never
     augment: bool = True
+    flip: bool = True                    # augmentation: random horizontal flips (off for data that has a handedness)
+    translate: float = 0.0625            # augmentation: random shifts, as a fraction of the size
     seed: int = 0
     sigma_bands: int = 4
     sigma_min: float | None = None       # σ range trained (default: the model's whole schedule)
@@ -135,7 +137,7 @@ class Trainer:
             self.labels_val = torch.cat([rl[r_val], fl[f_val]])
         self.t_range = noise.timestep_range(self.ms, config.sigma_min, config.sigma_max)
         self.edges = noise.band_edges(self.ms, self.t_range, config.sigma_bands)
-        self.augment = LatentAugment() if config.augment else None
+        self.augment = LatentAugment(config.flip, config.translate) if config.augment else None
         with torch.inference_mode(False):
             self.disc = self._build().to(self.device)
         self.tap = find_tap(self.model.diffusion_model) if config.architecture == "features" else None
@@ -220,7 +222,8 @@ class Trainer:
     # --- held-out evaluation -------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self):
-        """Held-out accuracy and BCE per σ band, on fixed noise (the same every evaluation)."""
+        """Held-out accuracy and BCE per σ band (balanced between real and fake), on fixed noise (the same
+        every evaluation)."""
         c = self.config
         self.disc.eval()
         bands = []
@@ -238,12 +241,15 @@ class Trainer:
                                                        eps[i:i + 256].to(d)),
                                           sigma[i:i + 256].to(d), None if classes is None else classes[i:i + 256])
                                 for i in range(0, len(x0), 256)]).float().cpu()
-            correct = (logits > 0).float() == labels
-            bce = F.binary_cross_entropy_with_logits(logits, labels)
+            correct = ((logits > 0).float() == labels).float()
+            bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
             nr = len(self.real_val)
-            bands.append({"sigma_lo": self.edges[b], "sigma_hi": self.edges[b + 1],
-                          "acc_real": float(correct[:nr].float().mean()), "acc_fake": float(correct[nr:].float().mean()),
-                          "acc": float(correct.float().mean()), "bce": float(bce)})
+            # Balanced: real and fake count alike, however many of each are held out (training batches are
+            # balanced too, so this is the quantity the discriminator is trained on).
+            acc_real, acc_fake = float(correct[:nr].mean()), float(correct[nr:].mean())
+            bands.append({"sigma_lo": self.edges[b], "sigma_hi": self.edges[b + 1], "acc_real": acc_real,
+                          "acc_fake": acc_fake, "acc": (acc_real + acc_fake) / 2,
+                          "bce": float((bce[:nr].mean() + bce[nr:].mean()) / 2)})
         record = {"step": self.step, "bands": bands, "bce": sum(b["bce"] for b in bands) / len(bands),
                   "acc": sum(b["acc"] for b in bands) / len(bands)}
         self.history.append(record)
