@@ -16,7 +16,9 @@ from .comfy_env import REPO
 DEMO = os.path.join(REPO, "demo")
 MODEL_FILE = os.path.join(DEMO, "models", "digits_model.safetensors")
 DISC_FILE = os.path.join(DEMO, "discriminators", "digits_dg.safetensors")
-DEFAULTS = {"weight": 1.0, "end_percent": 1.0, "sampler": "heun", "steps": 18, "first_evaluation_only": True}
+# The quality benchmark's best setting for the demo discriminator (features, w = 4, whole window, heun 18,
+# DG on each step's first evaluation): FD −27.8% over 3 seeds × 1000 samples.
+DEFAULTS = {"weight": 4.0, "end_percent": 1.0, "sampler": "heun", "steps": 18, "first_evaluation_only": True}
 
 
 def demo_prompt(batch=512, seed=0, weight=1.0, end_percent=1.0, sampler="heun", steps=18, first_evaluation_only=True):

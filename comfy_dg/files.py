@@ -10,11 +10,11 @@ import dataclasses
 import json
 import os
 import struct
-import tempfile
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from .atomic import save_safetensors
 from .discriminators import ARCHITECTURES, Discriminator, DiscriminatorInfo, build
 
 FORMAT_VERSION = "1"
@@ -42,23 +42,7 @@ def save_discriminator(discriminator: Discriminator, path, training: dict | None
         "comfy_dg.info": json.dumps(info.to_dict()),
     }
     state = {k: v.detach().to("cpu").contiguous() for k, v in discriminator.state_dict().items()}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".comfy_dg-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)        # mkstemp makes 0600; a saved file follows the umask
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return save_safetensors(state, path, metadata)
 
 
 def read_header(path) -> dict:

@@ -237,7 +237,7 @@ def save_tiny_checkpoint(model_patcher, vae, path):
     """A small model and its VAE (None for a pixel-space model) in one .safetensors file, described by its
     metadata (no pickle)."""
     import json
-    from safetensors.torch import save_file
+    from .atomic import save_safetensors
     sd = {f"model.{k}": v.detach().float().cpu().contiguous()
           for k, v in model_patcher.model.diffusion_model.state_dict().items()}
     if vae is not None:
@@ -245,7 +245,7 @@ def save_tiny_checkpoint(model_patcher, vae, path):
                    for k, v in vae.first_stage_model.state_dict().items()})
     meta = {TINY_KEY: json.dumps({"spec": model_patcher.tiny_spec,
                                   "vae_latent_channels": None if vae is None else int(vae.latent_channels)})}
-    save_file(sd, str(path), metadata=meta)
+    save_safetensors(sd, str(path), meta)
 
 
 def is_tiny_checkpoint(path) -> bool:

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import comfy_dg.atomic
 import comfy_dg.files
 from comfy_dg import (DiscriminatorFileError, DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator,
                       load_discriminator, save_discriminator)
@@ -167,7 +168,7 @@ def test_failed_save_leaves_old_file_and_no_temp_file(tmp_path, monkeypatch):
             f.write(b"\x00partial safetensors")
         raise OSError("disk full")
 
-    monkeypatch.setattr(comfy_dg.files, "save_file", failing_save_file)
+    monkeypatch.setattr(comfy_dg.atomic, "save_file", failing_save_file)
     with pytest.raises(OSError, match="disk full"):
         save_discriminator(make_discriminator("features"), path, training=TRAINING)
 

@@ -25,7 +25,6 @@ import json
 import os
 import struct
 import sys
-import tempfile
 import time
 
 import torch
@@ -372,24 +371,12 @@ def shared_data(procs, a, model, clip, vae, tiny, cache):
 # --- resumable state -----------------------------------------------------------------------------------
 def write_state(path, trainer, identity):
     """Trainer.state() as safetensors, atomically (temp file + os.replace)."""
-    from safetensors.torch import save_file
+    from ..atomic import save_safetensors
     tensors, facts = trainer.state()
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     meta = {"comfy_dg.train_state": STATE_FORMAT, "comfy_dg.run": json.dumps(identity, sort_keys=True),
             "comfy_dg.facts": json.dumps(facts)}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".comfy_dg-state-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    save_safetensors(tensors, path, meta, prefix=".comfy_dg-state-")
 
 
 def resume(procs, a, trainer, identity, path):

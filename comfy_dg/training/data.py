@@ -9,7 +9,9 @@ import os
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..atomic import save_safetensors
 
 log = logging.getLogger("comfy_dg")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -95,10 +97,7 @@ def read_cache(path: str, expect_count: int | None = None):
 
 
 def write_cache(path: str, latents: torch.Tensor, facts: dict):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file({"latents": latents.contiguous()}, tmp, metadata={"comfy_dg.cache": json.dumps(facts)})
-    os.replace(tmp, path)
+    save_safetensors({"latents": latents.contiguous()}, path, {"comfy_dg.cache": json.dumps(facts)})
 
 
 def encode_folder(folder, vae, resolution, batch_size, cache_dir=None, progress=None, should_stop=None):
