@@ -62,6 +62,23 @@ def _pooled_vector_model():
     return PooledVectorModel
 
 
+def _patcher(model, state_dict, init, seed, dtype, spec):
+    """Weights (initialised from `seed`, or loaded) in `dtype`, and a ModelPatcher that remembers the spec."""
+    import comfy.model_management
+    import comfy.model_patcher
+    with torch.inference_mode(False):
+        if state_dict is None:
+            init(model.diffusion_model, seed)
+        else:
+            model.diffusion_model.load_state_dict(state_dict)
+        model.diffusion_model.to(dtype)
+        model.eval()
+    load = comfy.model_management.get_torch_device()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
+    patcher.tiny_spec = spec
+    return patcher
+
+
 def tiny_model(model_type: str = "EPS", seed: int = 0, family: str = "SD15", state_dict=None,
                dtype=torch.float32, **unet_kwargs):
     """A ModelPatcher around a real comfy.model_base.BaseModel with ComfyUI's SD1.5 UNet at a tiny size.
@@ -71,8 +88,6 @@ def tiny_model(model_type: str = "EPS", seed: int = 0, family: str = "SD15", sta
     """
     import comfy.latent_formats
     import comfy.model_base
-    import comfy.model_management
-    import comfy.model_patcher
     import comfy.supported_models
 
     channels = {"Flux": 16, "SD3": 16, "Digits": 1}.get(family, 4)
@@ -90,16 +105,8 @@ def tiny_model(model_type: str = "EPS", seed: int = 0, family: str = "SD15", sta
         config.set_inference_dtype(dtype, None)
         mt = getattr(comfy.model_base.ModelType, model_type)
         model = _PooledVectorModel(config, model_type=mt, device="cpu")
-        if state_dict is None:
-            _init_weights(model.diffusion_model, seed)
-        else:
-            model.diffusion_model.load_state_dict(state_dict)
-        model.diffusion_model.to(dtype)
-        model.eval()
-    load = comfy.model_management.get_torch_device()
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
-    patcher.tiny_spec = {"model_type": model_type, "family": family, **unet_kwargs}
-    return patcher
+    return _patcher(model, state_dict, _init_weights, seed, dtype,
+                    {"model_type": model_type, "family": family, **unet_kwargs})
 
 
 def _init_transformer_weights(module: torch.nn.Module, seed: int):
@@ -117,22 +124,11 @@ def _init_transformer_weights(module: torch.nn.Module, seed: int):
 
 
 def _tiny_patcher(model_class, config_class, unet_config, seed, state_dict, dtype, spec):
-    import comfy.model_management
-    import comfy.model_patcher
     with torch.inference_mode(False):
         config = config_class(unet_config)
         config.set_inference_dtype(dtype, None)
         model = model_class(config, device="cpu")
-        if state_dict is None:
-            _init_transformer_weights(model.diffusion_model, seed)
-        else:
-            model.diffusion_model.load_state_dict(state_dict)
-        model.diffusion_model.to(dtype)
-        model.eval()
-    load = comfy.model_management.get_torch_device()
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
-    patcher.tiny_spec = spec
-    return patcher
+    return _patcher(model, state_dict, _init_transformer_weights, seed, dtype, spec)
 
 
 def tiny_flux_config(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=32, vec_in_dim=32,
@@ -260,7 +256,6 @@ def is_tiny_checkpoint(path) -> bool:
 def load_tiny_checkpoint(path):
     """(ModelPatcher, VAE or None) from a file written by save_tiny_checkpoint."""
     import json
-    import comfy.sd
     from safetensors import safe_open
     from safetensors.torch import load_file
     with safe_open(str(path), "pt") as f:

@@ -1,6 +1,5 @@
 import os
 
-import torch
 from comfy_api.latest import io
 
 from ..comfy_dg.tiny import empty_conditioning, load_tiny_checkpoint

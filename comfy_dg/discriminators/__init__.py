@@ -3,6 +3,9 @@ from .base import Discriminator, DiscriminatorInfo, IncompatibleDiscriminator, m
 from .features import FeatureHeadDiscriminator
 from .standalone import StandaloneDiscriminator
 
+__all__ = ["Discriminator", "DiscriminatorInfo", "IncompatibleDiscriminator", "FeatureHeadDiscriminator",
+           "StandaloneDiscriminator", "ARCHITECTURES", "build", "model_family", "model_latent_channels"]
+
 ARCHITECTURES = {cls.architecture: cls for cls in (StandaloneDiscriminator, FeatureHeadDiscriminator)}
 
 
