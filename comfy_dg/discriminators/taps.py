@@ -117,7 +117,15 @@ def _token_grid(tokens: torch.Tensor, x_in: torch.Tensor, patch_size: int) -> to
     return tokens[:, :h * w].reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
-class FluxDouble:
+class _TokenTap:
+    """A transformer's image tokens, laid back on the latent's patch grid: as many channels as its width."""
+
+    @staticmethod
+    def channels(base_model) -> int:
+        return int(base_model.diffusion_model.hidden_size)
+
+
+class FluxDouble(_TokenTap):
     """Flux (comfy.ldm.flux.model.Flux: Flux.1 dev/schnell, and Flux.2, which shares the class): the image
     tokens output by the last double-stream block, the network's middle (Flux.1: 19 double + 38 single)."""
 
@@ -129,10 +137,6 @@ class FluxDouble:
         dm = diffusion_model
         return type(dm).__name__ == "Flux" and hasattr(dm, "params") and hasattr(dm, "img_in") \
             and len(getattr(dm, "double_blocks", ())) > 0
-
-    @staticmethod
-    def channels(base_model) -> int:
-        return int(base_model.diffusion_model.hidden_size)
 
     @staticmethod
     def features(base_model, x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -155,7 +159,7 @@ class FluxDouble:
         return _token_grid(img, x_in, dm.patch_size)
 
 
-class MMDiTMiddle:
+class MMDiTMiddle(_TokenTap):
     """SD3 / SD3.5 (comfy.ldm.modules.diffusionmodules.mmdit.MMDiT): the image tokens output by the middle
     joint block, joint_blocks[depth // 2]."""
 
@@ -167,10 +171,6 @@ class MMDiTMiddle:
         return type(dm).__name__ in ("MMDiT", "OpenAISignatureMMDITWrapper") \
             and type(dm).__module__.endswith("diffusionmodules.mmdit") and hasattr(dm, "x_embedder") \
             and len(getattr(dm, "joint_blocks", ())) > 0
-
-    @staticmethod
-    def channels(base_model) -> int:
-        return int(base_model.diffusion_model.hidden_size)
 
     @staticmethod
     def features(base_model, x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
