@@ -18,7 +18,7 @@ from .atomic import save_safetensors
 from .discriminators import ARCHITECTURES, Discriminator, DiscriminatorInfo, build
 
 FORMAT_VERSION = "1"
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 

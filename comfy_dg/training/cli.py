@@ -30,7 +30,6 @@ import time
 import torch
 
 STATE_FORMAT = "1"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 
 
 class CLIError(ValueError):
@@ -124,6 +123,7 @@ def check_args(a, world=1):
         raise CLIError(f"comfy-dg: --out must be a .safetensors file; got '{a.out}'")
     if os.path.isdir(a.out):
         raise CLIError(f"comfy-dg: --out '{a.out}' is a folder; give a file name ending in .safetensors")
+    from ..files import PICKLE_SUFFIXES
     if a.checkpoint.lower().endswith(PICKLE_SUFFIXES):
         raise CLIError(f"comfy-dg: '{a.checkpoint}' is a pickle-based file, and unpickling can run any code hidden "
                        "in it, so comfy-dg does not open it. Use the .safetensors version of the checkpoint.")
