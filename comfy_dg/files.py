@@ -20,6 +20,10 @@ from .discriminators import ARCHITECTURES, Discriminator, DiscriminatorInfo, bui
 FORMAT_VERSION = "1"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+# Hyper-parameters that count repeated blocks. Each block holds several tensors, so a file cannot declare more
+# blocks than it has tensors; checked before the architecture is built to compare with the file, since building
+# it (even without memory for the weights) costs time and memory in proportion to the count.
+BLOCK_COUNTS = ("levels",)
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
@@ -60,7 +64,7 @@ def read_header(path) -> dict:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:   # bad UTF-8 or JSON, integers too long to read, deep nesting
         raise DiscriminatorFileError(path, f"its safetensors header is not valid JSON ({e.__class__.__name__})",
                                      "The file is damaged: download or save it again.") from None
     if not isinstance(header, dict):
@@ -104,8 +108,8 @@ def _metadata(path, header):
         info = DiscriminatorInfo.from_dict(json.loads(meta.get("comfy_dg.info", "")))
         if not isinstance(config, dict):
             raise TypeError("config is not an object")
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise DiscriminatorFileError(path, f"its comfy-dg metadata is malformed ({e})",
+    except (TypeError, ValueError, RecursionError) as e:
+        raise DiscriminatorFileError(path, f"its comfy-dg metadata is malformed ({str(e)[:200]})",
                                      "Save or download the file again.") from None
     return arch, config, info
 
@@ -125,6 +129,13 @@ def load_discriminator(path, device="cpu") -> Discriminator:
         raise DiscriminatorFileError(path, "no such file", "Put the file in models/discriminators.")
     header = read_header(path)
     arch, config, info = _metadata(path, header)
+    found = {k: v for k, v in header.items() if k != "__metadata__"}
+    for name in BLOCK_COUNTS:
+        count = config.get(name)
+        if type(count) is int and count > len(found):
+            raise DiscriminatorFileError(path, f"its metadata declares {name}={count}, more blocks than the "
+                                         f"{len(found)} tensors it holds", "The file is damaged or was edited: "
+                                         "re-train or re-save it.")
     with torch.inference_mode(False):   # parameters made here must later be usable by autograd
         try:
             with torch.device("meta"):
@@ -132,7 +143,6 @@ def load_discriminator(path, device="cpu") -> Discriminator:
         except (TypeError, ValueError, RuntimeError) as e:
             raise DiscriminatorFileError(path, f"its {arch} hyper-parameters are invalid ({e})",
                                          "Re-train or re-save the discriminator.") from None
-        found = {k: v for k, v in header.items() if k != "__metadata__"}
         missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
         if missing or extra:
             raise DiscriminatorFileError(path, f"its tensors do not match the {arch} architecture it declares "
