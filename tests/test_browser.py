@@ -1,0 +1,195 @@
+"""The shared workflows in the real ComfyUI frontend: headless Chromium on a real server with the pack installed.
+
+Each file in workflows/ is loaded as a user's drag-and-drop loads it, checked for missing node types and widget
+errors, photographed, converted by the frontend's own graphToPrompt and handed to the server: the server may
+refuse it only for model files that are not installed (the file's `models` list names them); the CPU demo must
+run to completion and produce its image.
+
+Screenshots go to tests/.artifacts/browser/ (or $COMFY_DG_ARTIFACTS). With COMFY_DG_UPDATE_DOCS=1 they are also
+copied to docs/screenshots/ for the README (scripts/screenshots.sh).
+"""
+import json
+import os
+import shutil
+import time
+import urllib.request
+
+import pytest
+
+from comfy_dg.comfy_server import ComfyServer
+from comfy_dg.frontend import CHROMIUM, Frontend, chromium_path
+from comfy_dg.workflows import FOLDER, WORKFLOWS, declared_models
+from conftest import COMFYUI, REPO
+
+NAMES = [wf.name for wf in WORKFLOWS]
+ARTIFACTS = os.environ.get("COMFY_DG_ARTIFACTS") or os.path.join(REPO, "tests", ".artifacts", "browser")
+UPDATE_DOCS = os.environ.get("COMFY_DG_UPDATE_DOCS") == "1"
+DOCS = os.path.join(REPO, "docs", "screenshots")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Inputs that name a model file; with the file absent, these are the only validation errors allowed.
+MODEL_INPUTS = {"ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name", "discriminator_name"}
+# Nodes the frontend alone runs (notes): graphToPrompt leaves them out.
+FRONTEND_ONLY = {"MarkdownNote", "Note"}
+
+
+def need_browser():
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        missing = "the playwright package (requirements-dev.txt)"
+    else:
+        missing = None if chromium_path() else f"Debian's chromium ({CHROMIUM}; apt-get install chromium)"
+    if missing:
+        # In CI the browser test must run: .ci/run installs chromium.
+        (pytest.fail if IN_CI else pytest.skip)(f"browser test needs {missing}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    need_browser()
+    srv = ComfyServer(COMFYUI, str(tmp_path_factory.mktemp("comfy"))).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def frontend(server):
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    fe = Frontend(server).open()
+    yield fe
+    fe.close()
+    print(f"\nbrowser screenshots: {ARTIFACTS}")
+
+
+def read_workflow(name):
+    with open(os.path.join(FOLDER, name + ".json")) as f:
+        return json.load(f)
+
+
+def test_workflow_files_are_ui_format_with_thumbnails_and_served_as_templates(server):
+    assert sorted(f[:-5] for f in os.listdir(FOLDER) if f.endswith(".json")) == sorted(NAMES)
+    for name in NAMES:
+        wf = read_workflow(name)
+        assert wf["version"] == 0.4 and wf["links"] and "extra" in wf, name
+        for node in wf["nodes"]:
+            assert {"id", "type", "pos", "size", "flags", "order", "mode", "properties"} <= set(node), (name, node)
+        for model in declared_models(wf):
+            assert set(model) == {"name", "url", "directory"}, (name, model)
+        assert os.path.getsize(os.path.join(FOLDER, name + ".jpg")) > 10_000, f"{name}: thumbnail missing"
+    # The templates browser lists a pack's workflows and asks for <name>.jpg beside each.
+    listed = server.get("/workflow_templates")["comfy-dg"]
+    assert sorted(listed) == sorted(NAMES)
+    for name in NAMES:
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/comfy-dg/{name}.jpg", timeout=30) as r:
+            assert r.headers["Content-Type"] == "image/jpeg" and len(r.read()) > 10_000
+
+
+def frontend_errors(fe):
+    """Errors the page logged while loading (resource 404s of absent optional files aside)."""
+    return [text for kind, text in fe.console
+            if kind == "pageerror" or (kind == "error" and not text.startswith("Failed to load resource"))]
+
+
+CHECK_GRAPH_JS = """() => {
+    const out = {missing: [], errors: [], badWidgets: []};
+    for (const n of app.graph._nodes) {
+        if (!LiteGraph.registered_node_types[n.type]) out.missing.push(n.type);
+        if (n.has_errors) out.errors.push(n.type);
+        const models = new Set((n.properties?.models || []).map(m => m.name));
+        for (const w of n.widgets || []) {
+            const o = w.options || {};
+            if (w.type === 'combo') {
+                const values = typeof o.values === 'function' ? o.values() : o.values;
+                if (Array.isArray(values) && !values.includes(w.value) && !models.has(w.value))
+                    out.badWidgets.push([n.type, w.name, w.value]);
+            } else if (typeof w.value === 'number' && ((o.min !== undefined && w.value < o.min) ||
+                                                        (o.max !== undefined && w.value > o.max))) {
+                out.badWidgets.push([n.type, w.name, w.value]);
+            }
+        }
+    }
+    return out;
+}"""
+
+
+def wait_for_history(server, prompt_id, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        hist = server.get(f"/history/{prompt_id}").get(prompt_id)
+        if hist and hist.get("status", {}).get("status_str") in ("success", "error"):
+            return hist
+        time.sleep(0.3)
+    raise TimeoutError(f"prompt {prompt_id} did not finish:\n{server.read_log()[-3000:]}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_loads_converts_and_validates_in_the_real_frontend(server, frontend, name):
+    wf = read_workflow(name)
+    frontend.load(wf)
+
+    # Loaded as saved: every node type known, no node flagged, every widget value where the file put it.
+    check = frontend.js(CHECK_GRAPH_JS)
+    assert check == {"missing": [], "errors": [], "badWidgets": []}, check
+    assert frontend_errors(frontend) == []
+    reloaded = {n["id"]: n for n in frontend.serialize()["nodes"]}
+    for node in wf["nodes"]:
+        assert reloaded[node["id"]]["type"] == node["type"]
+        # (An empty list and an absent one are the same to the frontend.)
+        assert (reloaded[node["id"]].get("widgets_values") or []) == (node.get("widgets_values") or []), node
+    shot = frontend.fit_and_screenshot(os.path.join(ARTIFACTS, name + ".png"))
+    if UPDATE_DOCS:
+        os.makedirs(DOCS, exist_ok=True)
+        shutil.copy(shot, DOCS)
+
+    # The frontend's own conversion to the API prompt, then the server's validation.
+    prompt = frontend.to_prompt()
+    assert sorted(prompt, key=int) == sorted((str(n["id"]) for n in wf["nodes"] if n["type"] not in FRONTEND_ONLY), key=int)
+    status, body = server.post_prompt(prompt)
+    missing = {m["name"] for m in declared_models(wf)}
+    if missing:
+        assert status == 400, f"{name}: expected the absent model files to be refused, got {status} {body}"
+        refused = set()
+        for node_id, err in body["node_errors"].items():
+            for e in err["errors"]:
+                info = e.get("extra_info", {})
+                assert e["type"] == "value_not_in_list" and info.get("input_name") in MODEL_INPUTS, (node_id, e)
+                assert info["received_value"] in missing, (node_id, e)
+                refused.add(info["received_value"])
+        # ComfyUI 0.3.75 lets a V3 combo (Load Discriminator) through validation; every other file is refused.
+        assert refused == {m for m in missing if not m.endswith("_dg.safetensors")}, refused
+        return
+
+    # Nothing to download: the workflow runs to completion on the CPU and shows its picture.
+    assert status == 200, body
+    hist = wait_for_history(server, body["prompt_id"], timeout=240)
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    pictures = {}
+    for node in wf["nodes"]:
+        for image in hist["outputs"].get(str(node["id"]), {}).get("images", []):
+            folder = os.path.join(server.base, image["type"], image["subfolder"])
+            pictures.setdefault(node["type"], []).append(os.path.join(folder, image["filename"]))
+    # Saved by Save Image, and shown on the Comparison Grid node itself.
+    assert set(pictures) >= {"SaveImage", "DGComparisonGrid"}, pictures
+    from PIL import Image
+    with Image.open(pictures["SaveImage"][0]) as im:
+        assert im.width > 500 and im.height > 250
+    out = shutil.copy(pictures["SaveImage"][0], os.path.join(ARTIFACTS, name + "_output.png"))
+    if UPDATE_DOCS:
+        shutil.copy(out, DOCS)
+
+
+def test_every_node_is_described_with_tooltips_and_consistent_names(server):
+    info = server.get("/object_info")
+    ours = {k: v for k, v in info.items() if "comfy-dg" in v.get("python_module", "")}
+    assert len(ours) == 9, sorted(ours)
+    for node_id, d in ours.items():
+        assert len(d["description"]) > 40, node_id
+        assert d["category"].startswith("model_patches/discriminator_guidance"), (node_id, d["category"])
+        name = d["display_name"]
+        assert name.endswith("(DG)") or "Discriminator" in name, (node_id, name)
+        for group in ("required", "optional"):
+            for input_name, spec in d["input"].get(group, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), (node_id, input_name)
+        assert len(d["output_tooltips"]) == len(d["output"]) and all(d["output_tooltips"]), (node_id, d["output_tooltips"])
+    # Node definitions reach the frontend with the same text.
+    assert len({d["display_name"] for d in ours.values()}) == len(ours)
