@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import parameterization
+from .shared_forward import SharedForward
 from .schedules import SCHEDULES, schedule_factor, window_position
 from .steps import StepTracker, sampler_name
 from .tensors import autograd_weights
@@ -107,6 +108,10 @@ class GuidancePatch:
         self.options = options
         self.key = f"comfy_dg_{uuid.uuid4().hex[:8]}"
         self.warned_nonfinite = False
+        # A features head trained under the user's negative prompt reads the sampler's own uncond forward.
+        self.shared = None
+        if getattr(discriminator, "tap", None) == "unet_middle" and getattr(discriminator, "conditioning", None):
+            self.shared = SharedForward(discriminator, self._will_guide, self._to, self._labels, LOGIT_MAX)
 
     # --- device management: the discriminator follows the model's device and goes back with it ----
     def _to(self, device):
@@ -123,6 +128,22 @@ class GuidancePatch:
 
     def offload(self, model_patcher):
         self._to(torch.device(model_patcher.offload_device))
+
+    def _labels(self, n, device):
+        label = self.options.class_label
+        return None if label < 0 else torch.full((n,), label, device=device)
+
+    def _will_guide(self, base_model, model_options, sigma) -> bool:
+        """Whether the hook will correct this evaluation (no side effects: the shared forward asks first)."""
+        opts = self.options
+        if opts.weight == 0.0:
+            return False
+        tracker = model_options.get("transformer_options", {}).get(TRACKERS_KEY, {}).get(self.key)
+        if opts.first_evaluation_only and tracker is not None and not tracker.peek():
+            return False
+        sigma_start, sigma_end = parameterization.sigma_window(base_model.model_sampling, opts.start_percent,
+                                                               opts.end_percent)
+        return bool(((sigma <= sigma_start) & (sigma >= sigma_end)).any())
 
     # --- the hook ------------------------------------------------------------------------------------
     def __call__(self, args):
@@ -146,11 +167,14 @@ class GuidancePatch:
             return denoised
         rows = active.nonzero().reshape(-1)
 
-        self._to(x.device)
-        labels = None if opts.class_label < 0 else torch.full((len(rows),), opts.class_label, device=x.device)
-        fn = _resolve(self.discriminator, base_model, labels)
+        shared = self.shared.take(x, sigma) if self.shared is not None else None
         xs, ss = x[rows], sigma[rows]
-        logit, grad = log_ratio_and_grad(fn, ms, xs, ss)
+        if shared is not None:
+            logit, grad = shared[0][rows], shared[1][rows]
+        else:
+            self._to(x.device)
+            fn = _resolve(self.discriminator, base_model, self._labels(len(rows), x.device))
+            logit, grad = log_ratio_and_grad(fn, ms, xs, ss)
 
         sigma_min, sigma_max = parameterization.sigma_range(ms)
         u = window_position(ss.to(grad.dtype), sigma_start, sigma_end, sigma_min, sigma_max)
@@ -214,4 +238,7 @@ def guide(model, discriminator, weight: float = 1.0, start_percent: float = 0.0,
     m.set_model_sampler_post_cfg_function(patch)
     m.add_wrapper_with_key(pe.WrappersMP.SAMPLER_SAMPLE, patch.key, patch.sampler_wrapper)
     m.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, patch.key, patch.offload)
+    if patch.shared is not None:
+        m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, patch.key, patch.shared.calc_cond_batch)
+        m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, patch.key, patch.shared.apply_model)
     return m

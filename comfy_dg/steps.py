@@ -71,6 +71,10 @@ class StepTracker:
         log.warning("comfy-dg: 'first evaluation only' cannot tell the steps of sampler %s (%s); "
                     "discriminator guidance is applied at every model evaluation of this run.", self.name, why)
 
+    def peek(self) -> bool:
+        """What on_evaluation() will say for the coming evaluation, without counting it."""
+        return self.every_evaluation or self.to_skip == 0
+
     def on_evaluation(self) -> bool:
         if self.every_evaluation:
             return True

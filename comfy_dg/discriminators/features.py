@@ -16,12 +16,24 @@ class FeatureHeadDiscriminator(Discriminator):
     architecture = "features"
 
     def __init__(self, info: DiscriminatorInfo, tap: str = "unet_middle", feature_channels: int = 1280,
-                 diffusion_model: str = "UNetModel", width: int = 128, emb_dim: int = 128):
+                 diffusion_model: str = "UNetModel", width: int = 128, emb_dim: int = 128,
+                 context_tokens: int = 0, context_dim: int = 0, y_dim: int = 0):
         super().__init__(info)
         if tap not in TAPS:
             raise ValueError(f"comfy-dg: unknown feature tap {tap!r}; known: {', '.join(TAPS)}")
+        if min(context_tokens, context_dim, y_dim) < 0 or (context_tokens > 0) != (context_dim > 0) \
+                or (y_dim and not context_tokens) or (context_tokens and tap != "unet_middle"):
+            raise ValueError("comfy-dg: a features head's conditioning (context_tokens, context_dim, y_dim) must be "
+                             "all zero or a UNet's context shape")
         self.tap, self.feature_channels, self.diffusion_model = tap, feature_channels, diffusion_model
         self.width, self.emb_dim = width, emb_dim
+        # The conditioning the features were trained under (the user's negative prompt, as the network gets it);
+        # none: the prompt-independent all-zero token.
+        self.context_tokens, self.context_dim, self.y_dim = context_tokens, context_dim, y_dim
+        if context_tokens:
+            self.register_buffer("context", torch.zeros(context_tokens, context_dim))
+        if y_dim:
+            self.register_buffer("y", torch.zeros(y_dim))
         self._conditioning(emb_dim)
         self.norm_in = group_norm(feature_channels)
         self.proj = nn.Conv2d(feature_channels, width, 1)
@@ -31,8 +43,24 @@ class FeatureHeadDiscriminator(Discriminator):
         self.out = nn.Linear(width, 1)
 
     def config(self):
-        return {"tap": self.tap, "feature_channels": self.feature_channels,
-                "diffusion_model": self.diffusion_model, "width": self.width, "emb_dim": self.emb_dim}
+        config = {"tap": self.tap, "feature_channels": self.feature_channels,
+                  "diffusion_model": self.diffusion_model, "width": self.width, "emb_dim": self.emb_dim}
+        if self.context_tokens:
+            config.update(context_tokens=self.context_tokens, context_dim=self.context_dim, y_dim=self.y_dim)
+        return config
+
+    @property
+    def conditioning(self):
+        """(context (T, C), y (D,) or None) the features are taken under, or None (prompt-independent)."""
+        if not self.context_tokens:
+            return None
+        return self.context, (self.y if self.y_dim else None)
+
+    def set_conditioning(self, context: torch.Tensor, y: torch.Tensor | None = None):
+        with torch.no_grad():
+            self.context.copy_(context.reshape(self.context.shape))
+            if self.y_dim:
+                self.y.copy_(y.reshape(self.y.shape))
 
     def head(self, features: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         dtype = self.proj.weight.dtype
@@ -57,12 +85,20 @@ class FeatureHeadDiscriminator(Discriminator):
                 f"comfy-dg: this features discriminator expects {self.feature_channels} feature channels from the "
                 f"{self.diffusion_model}'s '{self.tap}', but this model gives {channels}: it was trained for a "
                 "different model. Train one for this checkpoint.")
+        if self.context_tokens:
+            unet = base_model.model_config.unet_config
+            want = (int(unet.get("context_dim") or 0), int(unet.get("adm_in_channels") or 0))
+            if (self.context_dim, self.y_dim) != want:
+                raise IncompatibleDiscriminator(
+                    f"comfy-dg: this features discriminator was trained under a prompt of width {self.context_dim} "
+                    f"(pooled vector {self.y_dim}), but the model takes width {want[0]} (pooled vector {want[1]}): "
+                    "it was trained for a different model. Train one for this checkpoint.")
 
     def bind(self, base_model, labels=None):
         tap = TAPS[self.tap]
 
         def logit(x_in, sigma):
-            return self.head(tap.features(base_model, x_in, sigma), sigma, labels)
+            return self.head(tap.features(base_model, x_in, sigma, self.conditioning), sigma, labels)
         return logit
 
     def forward(self, features, sigma, labels=None):

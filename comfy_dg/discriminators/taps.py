@@ -1,8 +1,10 @@
 """Frozen features of the user's own diffusion network, with a graph back to its input.
 
 A tap runs the diffusion model's forward up to a chosen block and stops there (the rest of the network is
-never computed). The prompt plays no part: cross-attention sees one all-zero token and pooled/class
-vectors are zero, so the features are the noise-conditioned, prompt-independent ones the head was trained on.
+never computed). By default the prompt plays no part: cross-attention sees one all-zero token and pooled/class
+vectors are zero, so the features are noise-conditioned and prompt-independent. A UNet head can instead be
+trained under one fixed conditioning (the negative prompt the user samples with); the guide then takes the
+features from the sampler's own forward pass of that prompt (comfy_dg.shared_forward) and needs no extra pass.
 
 Each tap returns (B, C, H', W') features: a UNet block's output as it is; a transformer's image tokens
 laid back out on the latent's patch grid.
@@ -39,18 +41,26 @@ class UNetMiddle:
         return int(getattr(last, "out_channels", None) or dm.model_channels * dm.channel_mult[-1])
 
     @staticmethod
-    def features(base_model, x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def features(base_model, x_in: torch.Tensor, sigma: torch.Tensor, conditioning=None) -> torch.Tensor:
+        """`conditioning` (context (T, C), y (D,) or None), as the network's forward gets them for one sample:
+        the prompt the features are taken under. None: the prompt-independent all-zero token."""
         dm = base_model.diffusion_model
         autograd_weights(dm)
         cfg = base_model.model_config.unet_config
         dtype = _compute_dtype(base_model)
-        b = x_in.shape[0]
+        b, device = x_in.shape[0], x_in.device
         t = base_model.model_sampling.timestep(sigma).float()
-        context = torch.zeros(b, 1, cfg.get("context_dim") or 1, device=x_in.device, dtype=dtype)
         kwargs = {}
-        if getattr(dm, "num_classes", None) is not None:
-            kwargs["y"] = torch.zeros(b, cfg["adm_in_channels"], device=x_in.device, dtype=dtype) \
-                if dm.num_classes == "sequential" else torch.zeros(b, device=x_in.device, dtype=torch.long)
+        if conditioning is not None:
+            context, y = conditioning
+            context = context.to(device=device, dtype=dtype).expand(b, *context.shape)
+            if y is not None:
+                kwargs["y"] = y.to(device=device, dtype=dtype).expand(b, *y.shape)
+        else:
+            context = torch.zeros(b, 1, cfg.get("context_dim") or 1, device=device, dtype=dtype)
+        if getattr(dm, "num_classes", None) is not None and "y" not in kwargs:
+            kwargs["y"] = torch.zeros(b, cfg["adm_in_channels"], device=device, dtype=dtype) \
+                if dm.num_classes == "sequential" else torch.zeros(b, device=device, dtype=torch.long)
         captured = {}
 
         def grab(_module, _inputs, output):
@@ -108,6 +118,12 @@ def _run_until(dm, block, call):
     return captured["out"]
 
 
+def _prompt_independent_only(conditioning, family):
+    if conditioning is not None:
+        raise ValueError(f"comfy-dg: features under a prompt are supported for UNets (SD1.x, SD2, SDXL); the {family} "
+                         "tap takes prompt-independent features only")
+
+
 def _token_grid(tokens: torch.Tensor, x_in: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Image tokens (B, h·w, C) on the patch grid of x_in (the model pads the latent up to the patch size,
     then patchifies row-major) -> (B, C, h, w)."""
@@ -139,7 +155,8 @@ class FluxDouble(_TokenTap):
             and len(getattr(dm, "double_blocks", ())) > 0
 
     @staticmethod
-    def features(base_model, x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def features(base_model, x_in: torch.Tensor, sigma: torch.Tensor, conditioning=None) -> torch.Tensor:
+        _prompt_independent_only(conditioning, "Flux")
         dm = base_model.diffusion_model
         autograd_weights(dm)
         params = dm.params
@@ -173,7 +190,8 @@ class MMDiTMiddle(_TokenTap):
             and len(getattr(dm, "joint_blocks", ())) > 0
 
     @staticmethod
-    def features(base_model, x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def features(base_model, x_in: torch.Tensor, sigma: torch.Tensor, conditioning=None) -> torch.Tensor:
+        _prompt_independent_only(conditioning, "SD3")
         dm = base_model.diffusion_model
         autograd_weights(dm)
         dtype = _compute_dtype(base_model)

@@ -104,9 +104,15 @@ class Trainer:
     the discriminator is class-conditional."""
 
     def __init__(self, model_patcher, real, fake, config: TrainConfig, rank: int = 0, world_size: int = 1,
-                 real_labels=None, fake_labels=None, device=None):
+                 real_labels=None, fake_labels=None, device=None, conditioning=None):
         self.config = config.validate()
         self.model = model_patcher.model
+        # features only: (context, y) to take the features under (conditioning.negative_conditioning); None:
+        # prompt-independent features.
+        self.conditioning = conditioning
+        if conditioning is not None and config.architecture != "features":
+            raise TrainingError("comfy-dg: a negative prompt to train under is for the features architecture; "
+                                "leave it unconnected for a standalone discriminator.")
         self.rank, self.world = rank, world_size
         channels = model_latent_channels(self.model)
         _check_latents("real", real, channels)
@@ -173,8 +179,18 @@ class Trainer:
                     f"comfy-dg: the features architecture has no feature tap for a "
                     f"{type(self.model.diffusion_model).__name__} yet (it has taps for UNets — SD1.x, SD2, SDXL — "
                     "Flux and SD3); train a standalone discriminator for this model.")
-            return FeatureHeadDiscriminator(info, tap=tap.name, feature_channels=tap.channels(self.model),
-                                            diffusion_model=type(self.model.diffusion_model).__name__, **kwargs)
+            if self.conditioning is not None:
+                context, y = self.conditioning
+                kwargs.update(context_tokens=context.shape[0], context_dim=context.shape[1],
+                              y_dim=0 if y is None else y.numel())
+            try:
+                disc = FeatureHeadDiscriminator(info, tap=tap.name, feature_channels=tap.channels(self.model),
+                                                diffusion_model=type(self.model.diffusion_model).__name__, **kwargs)
+            except ValueError as e:
+                raise TrainingError(str(e)) from None
+            if self.conditioning is not None:
+                disc.set_conditioning(*self.conditioning)
+            return disc
 
     # --- one batch -----------------------------------------------------------------------------------
     def _inputs(self, x0, sigma, eps):
@@ -183,7 +199,7 @@ class Trainer:
         if self.tap is None:
             return x_in
         with torch.no_grad():
-            return self.tap.features(self.model, x_in, sigma).float()
+            return self.tap.features(self.model, x_in, sigma, self.disc.conditioning).float()
 
     def _batch(self, step):
         c = self.config

@@ -1,0 +1,122 @@
+"""A features head trained under the negative prompt takes its features from the sampler's own uncond forward
+(comfy_dg.shared_forward): the same guidance as its own second pass, with no second pass."""
+import pytest
+import torch
+
+import nodes as comfy_nodes
+from comfy_dg import DiscriminatorInfo, FeatureHeadDiscriminator, IncompatibleDiscriminator, guide
+from comfy_dg import load_discriminator, save_discriminator
+from comfy_dg.discriminators.taps import UNetMiddle
+from comfy_dg.shared_forward import SharedForward
+from comfy_dg.tiny import empty_conditioning, tiny_model
+from comfy_dg.training import TrainConfig, Trainer, TrainingError
+from comfy_dg.training.conditioning import negative_conditioning
+
+
+def prompts(model, seed=5):
+    pos, neg = empty_conditioning(model)
+    g = torch.Generator().manual_seed(seed)
+    return pos, [[torch.randn(neg[0][0].shape, generator=g, dtype=torch.float32), dict(neg[0][1])]]
+
+
+def head_under(model, negative, seed=0):
+    bm = model.model
+    context, y = negative_conditioning(model, negative, (bm.latent_format.latent_channels, 8, 8))
+    dtype = bm.get_dtype()
+    torch.manual_seed(seed)
+    with torch.inference_mode(False):
+        d = FeatureHeadDiscriminator(DiscriminatorInfo(4, type(bm.latent_format).__name__),
+                                     feature_channels=UNetMiddle.channels(bm), width=32, emb_dim=32,
+                                     context_tokens=context.shape[0], context_dim=context.shape[1],
+                                     y_dim=0 if y is None else y.numel()).to(dtype)
+        d.set_conditioning(context, y)
+    return d
+
+
+@pytest.fixture
+def second_passes(monkeypatch):
+    """Counts the feature tap's own passes through the UNet."""
+    calls = []
+    features = UNetMiddle.features
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return features(*args, **kwargs)
+    monkeypatch.setattr(UNetMiddle, "features", staticmethod(counted))
+    return calls
+
+
+def sample(model, positive, negative, sampler="euler", cfg=3.0, steps=4):
+    latent = {"samples": torch.zeros(2, 4, 8, 8, dtype=model.model.get_dtype())}
+    with torch.inference_mode():
+        (out,) = comfy_nodes.KSampler().sample(model, 7, steps, cfg, sampler, "normal", positive, negative, latent)
+    return out["samples"]
+
+
+@pytest.mark.parametrize("family", ["SD15", "SDXL"])
+@pytest.mark.parametrize("sampler,first", [("euler", False), ("heun", True), ("dpmpp_sde", False)])
+def test_shared_forward_gives_the_second_pass_result_without_a_second_pass(family, sampler, first, second_passes,
+                                                                           monkeypatch):
+    model = tiny_model("EPS", family=family, dtype=torch.float64)
+    pos, neg = prompts(model)
+    guided = guide(model, head_under(model, neg), weight=3.0, first_evaluation_only=first)
+    shared = sample(guided, pos, neg, sampler)
+    assert not second_passes
+    monkeypatch.setattr(SharedForward, "matches", lambda self, uncond: False)
+    own_pass = sample(guided, pos, neg, sampler)
+    assert second_passes
+    unguided = sample(model, pos, neg, sampler)
+    assert (own_pass - unguided).abs().max() > 1e-3
+    torch.testing.assert_close(shared, own_pass, rtol=0, atol=1e-10)
+
+
+def test_float32_matches_to_rounding(second_passes, monkeypatch):
+    model = tiny_model("EPS")
+    pos, neg = prompts(model)
+    guided = guide(model, head_under(model, neg), weight=3.0)
+    shared = sample(guided, pos, neg)
+    monkeypatch.setattr(SharedForward, "matches", lambda self, uncond: False)
+    own_pass = sample(guided, pos, neg)
+    assert (own_pass - sample(model, pos, neg)).abs().max() > 1e-2
+    torch.testing.assert_close(shared, own_pass, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("case", ["other negative", "cfg 1", "area"])
+def test_any_other_uncond_takes_the_second_pass(case, second_passes):
+    model = tiny_model("EPS", dtype=torch.float64)
+    pos, neg = prompts(model)
+    guided = guide(model, head_under(model, neg), weight=3.0)
+    cfg = 3.0
+    if case == "other negative":
+        neg = prompts(model, seed=6)[1]
+    elif case == "cfg 1":
+        cfg = 1.0
+    else:
+        neg = [[neg[0][0], dict(neg[0][1], area=(8, 8, 0, 0), strength=1.0)]]
+    sample(guided, pos, neg, cfg=cfg)
+    assert len(second_passes) == 4
+
+
+def test_conditioning_is_saved_checked_and_trained_under(tmp_path, second_passes):
+    model = tiny_model("EPS")
+    pos, neg = prompts(model)
+    d = head_under(model, neg)
+    save_discriminator(d, tmp_path / "d.safetensors")
+    loaded = load_discriminator(tmp_path / "d.safetensors")
+    torch.testing.assert_close(loaded.conditioning[0], d.conditioning[0])
+    assert loaded.config()["context_tokens"] == 1
+
+    wide = tiny_model("EPS", context_dim=48)
+    with pytest.raises(IncompatibleDiscriminator, match="width 32.*width 48"):
+        guide(wide, loaded)
+
+    real, fake = torch.randn(16, 4, 8, 8), torch.randn(16, 4, 8, 8) + 0.5
+    config = TrainConfig(steps=2, batch_size=8, eval_every=1, heldout_fraction=0.25, augment=False)
+    trainer = Trainer(model, real, fake, config, conditioning=d.conditioning)
+    trained = trainer.run()
+    assert second_passes, "the trainer takes the features under the stored conditioning"
+    torch.testing.assert_close(trained.conditioning[0], d.conditioning[0])
+    with pytest.raises(TrainingError, match="features architecture"):
+        Trainer(model, real, fake, TrainConfig(architecture="standalone"), conditioning=d.conditioning)
+    with pytest.raises(TrainingError, match="one plain negative"):
+        negative_conditioning(model, neg + neg, (4, 8, 8))
