@@ -15,7 +15,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
 VIEWPORT = {"width": 1600, "height": 900}
 
-HIDE_PANELS = """body * { visibility: hidden !important; }
+HIDE_PANELS = """body * { visibility: hidden !important; transition: none !important; }
 #graph-canvas, .dom-widget, .dom-widget * { visibility: visible !important; }"""
 
 READY = """() => !!(window.app && app.graph && app.vueAppReady && app.extensionManager?.workflow?.activeWorkflow

@@ -44,6 +44,7 @@ class Node:
     title: str | None = None
     models: list = field(default_factory=list)
     width: int | None = None
+    height: int | None = None
 
 
 @dataclass
@@ -62,7 +63,7 @@ NEGATIVE = "blurry, low quality, watermark, text"
 
 
 def note(text, column=0):
-    return Node("note", "MarkdownNote", column, {"text": text}, title="About this workflow", width=380)
+    return Node("note", "MarkdownNote", column, {"text": text}, title="About this workflow", width=400, height=250)
 
 
 def text_to_image(name, summary, ckpt, disc, size, steps, cfg, text):
@@ -125,7 +126,7 @@ WORKFLOWS = [
         Node("ksel", "KSamplerSelect", 3, {"sampler_name": "euler"}),
         Node("sched", "BasicScheduler", 3, {"scheduler": "simple", "steps": 20, "denoise": 1.0}),
         Node("latent", "EmptySD3LatentImage", 3, {"width": 1024, "height": 1024, "batch_size": 1}),
-        Node("sampler", "SamplerCustomAdvanced", 4),
+        Node("sampler", "SamplerCustomAdvanced", 4, width=260),
         Node("decode", "VAEDecode", 4),
         Node("save", "SaveImage", 5, {"filename_prefix": "dg_flux"}, width=420),
     ], [
@@ -237,7 +238,7 @@ BUILD_JS = """async (spec) => {
         }
         if (s.models.length) n.properties.models = s.models;
         const size = n.computeSize();
-        n.size = [Math.max(size[0], s.width || 0, n.size[0]), Math.max(size[1], n.size[1])];
+        n.size = [Math.max(size[0], s.width || 0, n.size[0]), Math.max(size[1], s.height || 0, n.size[1])];
         made[s.key] = n;
     }
     for (const [from, out, to, input] of spec.links) {
@@ -271,7 +272,7 @@ BUILD_JS = """async (spec) => {
 def spec(wf: Workflow) -> dict:
     return {"name": wf.name, "links": wf.links, "id": str(uuid.uuid5(uuid.NAMESPACE_URL, GUIDE + "/" + wf.name)),
             "nodes": [{"key": n.key, "type": n.type, "column": n.column, "widgets": n.widgets, "title": n.title,
-                       "models": n.models, "width": n.width or (340 if "Load" in n.type else None)}
+                       "models": n.models, "height": n.height, "width": n.width or (340 if "Load" in n.type else None)}
                       for n in wf.nodes]}
 
 

@@ -20,8 +20,11 @@ class LoadDemoModel(io.ComfyNode):
                         "0.55M parameters) trained on sklearn's 8×8 handwritten digits, in pixel space. Runs on "
                         "any CPU in seconds. Its discriminator is digits_dg.safetensors in Load Discriminator.",
             inputs=[],
-            outputs=[io.Model.Output(), io.Conditioning.Output(display_name="positive"),
-                     io.Conditioning.Output(display_name="negative")],
+            outputs=[io.Model.Output(tooltip="The demo diffusion model (EPS, 1-channel 8×8 pixel-space latents: "
+                                             "use an Empty Latent Image of 64×64)."),
+                     io.Conditioning.Output(display_name="positive", tooltip="Its (empty) conditioning: the model "
+                                            "is unconditional."),
+                     io.Conditioning.Output(display_name="negative", tooltip="The same empty conditioning.")],
         )
 
     @classmethod
@@ -38,11 +41,13 @@ class DecodeDigits(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DGDecodeDigits",
-            display_name="Decode Digits (DG demo)",
+            display_name="Decode Digits (DG)",
             category=CATEGORY,
             description="Turns the demo model's pixel-space latents (1×8×8 in [-1, 1]) into images, enlarged.",
-            inputs=[io.Latent.Input("samples"), io.Int.Input("scale", default=8, min=1, max=64)],
-            outputs=[io.Image.Output()],
+            inputs=[io.Latent.Input("samples", tooltip="Latents sampled from Load Demo Model (DG)."),
+                    io.Int.Input("scale", default=8, min=1, max=64, tooltip="Enlargement: each pixel becomes "
+                                 "scale × scale pixels.")],
+            outputs=[io.Image.Output(tooltip="The digits as images, gray on RGB.")],
         )
 
     @classmethod

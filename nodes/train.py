@@ -6,7 +6,7 @@ import comfy.model_management
 import comfy.samplers
 import comfy.utils
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..comfy_dg.files import save_discriminator
 from ..comfy_dg.training.data import encode_folder, folder_labels, list_images, sample_fakes
@@ -57,7 +57,8 @@ class EncodeRealImages(io.ComfyNode):
                                          "(folder/<class>/image.png), classes numbered in name order.",
                                  optional=True),
             ],
-            outputs=[io.Latent.Output(display_name="real_latents")],
+            outputs=[io.Latent.Output(display_name="real_latents",
+                                      tooltip="The real images as latents, for Train Discriminator (DG).")],
         )
 
     @classmethod
@@ -83,22 +84,30 @@ class SampleFakeLatents(io.ComfyNode):
                         "images. Cached on disk by model, prompt and settings.",
             inputs=[
                 io.Model.Input("model", tooltip="The model (unguided) whose samples the discriminator learns to spot."),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.Int.Input("count", default=1000, min=2, max=1_000_000, tooltip="How many samples."),
-                io.Int.Input("batch_size", default=4, min=1, max=256),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False),
-                io.Int.Input("steps", default=20, min=1, max=10000),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES),
-                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES),
+                io.Conditioning.Input("positive", tooltip="Your usual prompt: the fakes should look like what "
+                                      "you generate."),
+                io.Conditioning.Input("negative", tooltip="Your usual negative prompt."),
+                io.Int.Input("count", default=1000, min=2, max=1_000_000,
+                             tooltip="How many samples (about as many as real images)."),
+                io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Samples generated at once."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
+                             tooltip="Seed of the first batch; each batch takes the next seed."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps, as you sample."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale, as you sample."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES,
+                               tooltip="Sampler, as you sample."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES,
+                               tooltip="Noise schedule, as you sample."),
                 io.Int.Input("width", default=512, min=16, max=8192, step=8, tooltip="As the real images' resolution."),
-                io.Int.Input("height", default=512, min=16, max=8192, step=8),
+                io.Int.Input("height", default=512, min=16, max=8192, step=8,
+                             tooltip="As the real images' resolution."),
                 io.Int.Input("class_label", default=-1, min=-1, max=100000,
                              tooltip="Class-conditional training: the class these samples were prompted for "
                                      "(-1: unconditional).", optional=True),
             ],
-            outputs=[io.Latent.Output(display_name="fake_latents")],
+            outputs=[io.Latent.Output(display_name="fake_latents",
+                                      tooltip="The model's samples, for Train Discriminator (DG)'s fake_latents.")],
         )
 
     @classmethod
@@ -122,8 +131,9 @@ class CombineLatents(io.ComfyNode):
             category=CATEGORY,
             description="Joins two batches of training latents, keeping their class labels (e.g. fakes sampled "
                         "for different classes). Both must be labelled, or neither.",
-            inputs=[io.Latent.Input("latents_a"), io.Latent.Input("latents_b")],
-            outputs=[io.Latent.Output(display_name="latents")],
+            inputs=[io.Latent.Input("latents_a", tooltip="First batch of latents."),
+                    io.Latent.Input("latents_b", tooltip="Second batch, of the same shape.")],
+            outputs=[io.Latent.Output(display_name="latents", tooltip="Both batches, a first, with their labels.")],
         )
 
     @classmethod
@@ -173,8 +183,10 @@ class TrainDiscriminator(io.ComfyNode):
                                        "design; recommended). standalone: a small conv net on latents (any model)."),
                 io.Int.Input("steps", default=2000, min=1, max=1_000_000, tooltip="Optimizer steps at most."),
                 io.Int.Input("batch_size", default=64, min=2, max=4096, step=2, tooltip="Half real, half fake."),
-                io.Float.Input("learning_rate", default=3e-4, min=1e-6, max=1e-1, step=1e-5, round=1e-6),
-                io.Float.Input("weight_decay", default=1e-7, min=0.0, max=1.0, step=1e-7, round=1e-8),
+                io.Float.Input("learning_rate", default=3e-4, min=1e-6, max=1e-1, step=1e-5, round=1e-6,
+                               tooltip="Adam's learning rate (the paper's 3e-4)."),
+                io.Float.Input("weight_decay", default=1e-7, min=0.0, max=1.0, step=1e-7, round=1e-8,
+                               tooltip="Adam's weight decay (the paper's 1e-7)."),
                 io.Float.Input("heldout_fraction", default=0.1, min=0.01, max=0.5, step=0.01,
                                tooltip="Share of real and of fake latents held out for evaluation and early stopping."),
                 io.Int.Input("eval_every", default=100, min=1, max=100000, tooltip="Steps between held-out evaluations."),
@@ -182,9 +194,14 @@ class TrainDiscriminator(io.ComfyNode):
                              tooltip="Stop after this many evaluations without a better held-out BCE (0: never)."),
                 io.Boolean.Input("augment", default=True, tooltip="Random flips and small shifts (kornia), alike "
                                  "for real and fake."),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
+                             tooltip="Seed of the split, initialisation, batches and noise: same seed, same result."),
             ],
-            outputs=[Discriminator.Output(), io.Image.Output(display_name="training_plot")],
+            outputs=[Discriminator.Output(tooltip="The trained discriminator (also saved), for Discriminator "
+                                                  "Guidance."),
+                     io.Image.Output(display_name="training_plot",
+                                     tooltip="Held-out accuracy and BCE per σ band over training (also shown on "
+                                             "the node).")],
         )
 
     @classmethod
@@ -202,4 +219,5 @@ class TrainDiscriminator(io.ComfyNode):
                            should_stop=interrupted)
         save_discriminator(disc, path)
         plot = torch.from_numpy(plot_history(trainer.history)).float().div(255.0)[None]
-        return io.NodeOutput(disc, plot)
+        # The plot shows on the node itself, as a preview does.
+        return io.NodeOutput(disc, plot, ui=ui.PreviewImage(plot, cls=cls))
