@@ -165,6 +165,7 @@ def test_training_graph_runs_end_to_end(server):
     hist = server.run(training_graph("trained_in_graph"), timeout=300)
     assert hist["status"]["status_str"] == "success", hist["status"]
     assert hist["outputs"]["6"]["images"], "the training plot was not shown"
+    assert hist["outputs"]["5"]["images"], "the trainer does not show its plot on the node"
     assert torch.isfinite(saved_latent(server, hist, node="10")).all()
     path = os.path.join(server.base, "models", "discriminators", "trained_in_graph.safetensors")
     assert load_discriminator(path).info.training["steps"] == 40

@@ -1,0 +1,80 @@
+"""Registry readiness: pyproject.toml as the Comfy registry reads it, requirements.txt in step with it."""
+import ast
+import os
+import re
+import sys
+import tomllib
+
+from conftest import REPO
+
+# Modules that come with ComfyUI itself (its own code and its requirements): not the pack's to list.
+FROM_COMFYUI = {"torch", "torchvision", "comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths",
+                "nodes", "typing_extensions", "tqdm", "psutil", "yaml", "aiohttp", "server"}
+# Import name of each distribution the pack lists.
+IMPORT_NAME = {"pillow": "PIL"}
+# Used by benchmarks, tests and tools only (requirements-dev.txt), never when ComfyUI loads the pack.
+NOT_RUNTIME = ("comfy_dg/bench/", "comfy_dg/frontend.py")
+
+
+def pyproject():
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def requirement_lines(name):
+    with open(os.path.join(REPO, name)) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+def dist_name(requirement):
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower()
+
+
+def test_pyproject_has_what_the_comfy_registry_needs():
+    data = pyproject()
+    project, comfy = data["project"], data["tool"]["comfy"]
+    # Registry node id: letters, digits, - _ . ; no leading digit or special character; no runs of specials.
+    assert re.fullmatch(r"[A-Za-z][A-Za-z0-9]*([-_.][A-Za-z0-9]+)*", project["name"]) and len(project["name"]) < 100
+    assert "comfyui" not in project["name"].lower()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+    assert len(project["description"]) > 30
+    assert os.path.isfile(os.path.join(REPO, project["license"]["file"]))
+    assert project["urls"]["Repository"].startswith("https://github.com/")
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    assert re.fullmatch(r">=\d+\.\d+\.\d+", comfy["requires-comfyui"])
+    # The icon's URL points into this repository: the file must be here and within the registry's limits.
+    icon = comfy["Icon"]
+    repo_path = re.sub(r"^https://raw\.githubusercontent\.com/[^/]+/[^/]+/[^/]+/", "", icon)
+    assert repo_path != icon, icon
+    from PIL import Image
+    with Image.open(os.path.join(REPO, repo_path)) as im:
+        assert im.format in ("PNG", "JPEG", "GIF") and im.width <= 800 and im.height <= 400
+
+
+def test_requirements_txt_matches_pyproject_and_pins_no_torch():
+    deps = pyproject()["project"]["dependencies"]
+    assert requirement_lines("requirements.txt") == deps
+    for name in map(dist_name, deps + requirement_lines("requirements-dev.txt")):
+        assert name not in ("torch", "torchvision", "torchaudio"), "torch comes with ComfyUI; never pin it here"
+
+
+def runtime_imports():
+    found = set()
+    for folder in ("nodes", "comfy_dg"):
+        for root, _, files in os.walk(os.path.join(REPO, folder)):
+            for f in files:
+                path = os.path.join(root, f)
+                rel = os.path.relpath(path, REPO).replace(os.sep, "/")
+                if not f.endswith(".py") or rel.startswith(NOT_RUNTIME):
+                    continue
+                for node in ast.walk(ast.parse(open(path).read())):
+                    if isinstance(node, ast.Import):
+                        found |= {a.name.split(".")[0] for a in node.names}
+                    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                        found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names) - {"comfy_dg"}
+
+
+def test_every_runtime_import_is_listed_or_comes_with_comfyui():
+    listed = {IMPORT_NAME.get(dist_name(r), dist_name(r)) for r in pyproject()["project"]["dependencies"]}
+    assert runtime_imports() - FROM_COMFYUI <= listed
