@@ -80,8 +80,12 @@ class Frontend:
         """The API prompt the frontend would queue (its own graphToPrompt)."""
         return json.loads(self.js("async () => JSON.stringify((await app.graphToPrompt()).output)"))
 
-    def fit_and_screenshot(self, path, quality=None):
-        """Fit the graph to the window, hide the frontend's panels and save a picture of the canvas."""
+    def export(self):
+        """The workflow as the frontend's own Export writes it (graphToPrompt's `workflow`)."""
+        return json.loads(self.js("async () => JSON.stringify((await app.graphToPrompt()).workflow)"))
+
+    def fit(self):
+        """Show the whole graph in the window (the view a saved workflow opens with)."""
         self.js("""() => {
             app.canvas.show_info = false;
             const b = app.graph._nodes.reduce((a, n) => [Math.min(a[0], n.pos[0]), Math.min(a[1], n.pos[1] - 40),
@@ -95,6 +99,10 @@ class Frontend:
             app.canvas.setDirty(true, true);
             app.canvas.draw(true, true);
         }""")
+
+    def fit_and_screenshot(self, path, quality=None):
+        """Fit the graph to the window, hide the frontend's panels and save a picture of the canvas."""
+        self.fit()
         self.page.wait_for_timeout(300)
         # Only the canvas and the widgets drawn over it (prompt boxes): no menus, banners or minimap.
         self.js("(css) => { const s = document.createElement('style'); s.dataset.comfyDg = '1'; "

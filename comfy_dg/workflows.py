@@ -219,8 +219,8 @@ WORKFLOWS = [
     ]),
 ]
 
-# Builds one graph with the frontend's LiteGraph and returns the frontend's own serialization, as a string.
-BUILD_JS = """async (spec) => {
+# Builds one graph with the frontend's LiteGraph, in the open page.
+BUILD_JS = """(spec) => {
     const graph = app.graph;
     graph.clear();
     const made = {};
@@ -264,8 +264,6 @@ BUILD_JS = """async (spec) => {
     graph.setDirtyCanvas(true, true);
     // The same id on every rebuild, so regenerated files differ only where the graph does.
     graph.id = spec.id;
-    // What the frontend's own Export writes: graphToPrompt's workflow.
-    return JSON.stringify((await app.graphToPrompt()).workflow);
 }"""
 
 

@@ -29,7 +29,9 @@ def main(names):
             for wf in WORKFLOWS:
                 if names and wf.name not in names:
                     continue
-                graph = json.loads(fe.js(BUILD_JS, spec(wf)))
+                fe.js(BUILD_JS, spec(wf))
+                fe.fit()
+                graph = fe.export()
                 path = os.path.join(FOLDER, wf.name + ".json")
                 with open(path, "w") as f:
                     json.dump(graph, f, indent=2, ensure_ascii=False)
