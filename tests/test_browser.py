@@ -46,7 +46,6 @@ def need_browser():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    need_browser()
     srv = ComfyServer(COMFYUI, str(tmp_path_factory.mktemp("comfy"))).start()
     yield srv
     srv.stop()
@@ -54,6 +53,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def frontend(server):
+    need_browser()
     os.makedirs(ARTIFACTS, exist_ok=True)
     fe = Frontend(server).open()
     yield fe
@@ -188,6 +188,19 @@ def test_workflow_loads_converts_and_validates_in_the_real_frontend(server, fron
     if UPDATE_DOCS:
         for f in (out, ran):
             shutil.copy(f, DOCS)
+
+
+def test_the_checks_catch_a_broken_workflow(frontend):
+    wf = read_workflow("1_sd15_text_to_image_dg")
+    by_type = {n["type"]: n for n in wf["nodes"]}
+    by_type["VAEDecode"]["type"] = "NoSuchNode"
+    by_type["KSampler"]["widgets_values"][4] = "no_such_sampler"
+    by_type["EmptyLatentImage"]["widgets_values"][0] = 1_000_000
+    frontend.load(wf)
+    check = frontend.js(CHECK_GRAPH_JS)
+    assert check["missing"] == ["NoSuchNode"]
+    assert sorted(check["badWidgets"]) == [["EmptyLatentImage", "width", 1_000_000],
+                                           ["KSampler", "sampler_name", "no_such_sampler"]]
 
 
 def test_every_node_is_described_with_tooltips_and_consistent_names(server):
