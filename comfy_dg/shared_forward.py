@@ -16,7 +16,7 @@ pass under the stored conditioning instead (taps.UNetMiddle.features): the resul
 """
 import torch
 
-from .tensors import autograd_weights
+from .tensors import autograd_weights, frozen
 
 # Keys of a processed cond that change the uncond forward beyond its prompt.
 _ALTERING_KEYS = ("area", "mask", "control", "hooks", "gligen", "timestep_start", "timestep_end", "default")
@@ -101,7 +101,8 @@ class SharedForward:
             # σ and the prompt tensors were made under inference mode, which autograd cannot save: use copies.
             t, c_crossattn = _normal(t), _normal(c_crossattn)
             kwargs = {k: _normal(v) for k, v in kwargs.items()}
-            out = executor(xg, t, c_concat, c_crossattn, control, options, **kwargs)
+            with frozen(base_model.diffusion_model):
+                out = executor(xg, t, c_concat, c_crossattn, control, options, **kwargs)
             if "h" in caught:
                 sigma = t.detach().clone().to(dtype)
                 logit = self.head.head(caught.pop("h"), sigma, self.labels(len(x), x.device)).reshape(-1)

@@ -1,5 +1,6 @@
 """The speed/memory benchmark (`python -m comfy_dg.bench.speed`) end to end in its --smoke mode: three
-subprocess runs (unguided, standalone, features) on the small model, a markdown table and a final JSON line."""
+subprocess runs (unguided, standalone, features from the sampler's own forward, features by a second pass) on the
+small model, a markdown table and a final JSON line."""
 import json
 import math
 import os
@@ -8,15 +9,15 @@ import sys
 
 from conftest import COMFYUI, REPO
 
-HEADER = "| config     |         s |    s/step | × unguided |   peak MB | +% memory |"
-CONFIGS = ("unguided", "standalone", "features")
+HEADER = "| config         |         s |    s/step | × unguided |   peak MB | +% memory | 2nd passes |"
+CONFIGS = ("unguided", "standalone", "features", "features_2pass")
 
 
 def test_smoke_prints_table_and_json():
     env = dict(os.environ, COMFYUI_PATH=COMFYUI, COMFY_DG_DEVICE="cpu")
     env.pop("PYTHONPATH", None)
     p = subprocess.run([sys.executable, "-m", "comfy_dg.bench.speed", "--smoke"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=55)
+                       capture_output=True, text=True, timeout=90)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
     assert HEADER in lines
@@ -40,3 +41,8 @@ def test_smoke_prints_table_and_json():
         assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > -1, key
     assert set(result["met"]) == {"standalone_time", "features_time", "standalone_memory", "features_memory"}
     assert result["targets"] == {"standalone_ratio": 1.05, "features_ratio": 1.35, "mem_overhead": 0.15}
+    # Which path ran: the head trained under the negative prompt never takes its own pass (2 steps of euler:
+    # 2 guided evaluations); the prompt-independent one takes one per guided evaluation.
+    assert result["features_second_passes_per_run"] == 0
+    assert result["features_2pass_second_passes_per_run"] == 2
+    assert result["unguided_second_passes_per_run"] == result["standalone_second_passes_per_run"] == 0

@@ -53,8 +53,8 @@ def sample(model, positive, negative, sampler="euler", cfg=3.0, steps=4):
     return out["samples"]
 
 
-@pytest.mark.parametrize("family", ["SD15", "SDXL"])
-@pytest.mark.parametrize("sampler,first", [("euler", False), ("heun", True), ("dpmpp_sde", False)])
+@pytest.mark.parametrize("family,sampler,first", [("SD15", "euler", False), ("SD15", "heun", True),
+                                                   ("SD15", "dpmpp_sde", False), ("SDXL", "dpmpp_2m", False)])
 def test_shared_forward_gives_the_second_pass_result_without_a_second_pass(family, sampler, first, second_passes,
                                                                            monkeypatch):
     model = tiny_model("EPS", family=family, dtype=torch.float64)

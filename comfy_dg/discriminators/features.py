@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .base import Discriminator, DiscriminatorInfo, IncompatibleDiscriminator
 from .layers import AttentionPool, ResBlock, group_norm
 from .taps import TAPS, find_tap
+from ..tensors import frozen
 
 
 class FeatureHeadDiscriminator(Discriminator):
@@ -98,7 +99,9 @@ class FeatureHeadDiscriminator(Discriminator):
         tap = TAPS[self.tap]
 
         def logit(x_in, sigma):
-            return self.head(tap.features(base_model, x_in, sigma, self.conditioning), sigma, labels)
+            with frozen(base_model.diffusion_model):
+                features = tap.features(base_model, x_in, sigma, self.conditioning)
+            return self.head(features, sigma, labels)
         return logit
 
     def forward(self, features, sigma, labels=None):
