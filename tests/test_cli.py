@@ -319,3 +319,16 @@ def test_bad_input_exit_code_from_the_command_line(tiny_ckpt, tmp_path):
     r = run_cli(["--checkpoint", tiny_ckpt, "--real", str(tmp_path / "empty"), "--out", str(out)])
     assert r.returncode == 2 and "holds no png" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_under_negative_stores_the_negative_and_refuses_standalone(tiny_ckpt, latents, tmp_path, capsys):
+    real, fake = latents
+    out = tmp_path / "d.safetensors"
+    argv = ["--checkpoint", tiny_ckpt, "--real-latents", real, "--fake-latents", fake, "--out", str(out),
+            "--steps", "2", "--eval-every", "1", "--batch-size", "8", "--threads", "1", "--under-negative"]
+    assert cli.main(argv) == 0
+    disc = load_discriminator(str(out))
+    context, y = disc.conditioning
+    assert context.shape[0] >= 1 and y is None
+    assert cli.main(argv[:-1] + ["--architecture", "standalone", "--under-negative"]) == 2
+    assert "--under-negative is for --architecture features" in capsys.readouterr().err
