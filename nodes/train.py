@@ -9,6 +9,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..comfy_dg.files import save_discriminator
+from ..comfy_dg.training.conditioning import negative_conditioning
 from ..comfy_dg.training.data import encode_folder, folder_labels, list_images, sample_fakes
 from ..comfy_dg.training.loop import TrainConfig, Trainer
 from ..comfy_dg.training.plot import plot_history
@@ -196,6 +197,12 @@ class TrainDiscriminator(io.ComfyNode):
                                  "for real and fake."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
                              tooltip="Seed of the split, initialisation, batches and noise: same seed, same result."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="features, UNets (SD1.x/SDXL): the negative prompt you sample with. "
+                                              "The head then learns the features under it, and guiding with that "
+                                              "same negative needs no extra pass through the UNet (faster). "
+                                              "Unconnected: prompt-independent features (an extra pass while "
+                                              "guiding)."),
             ],
             outputs=[Discriminator.Output(tooltip="The trained discriminator (also saved), for Discriminator "
                                                   "Guidance."),
@@ -206,14 +213,18 @@ class TrainDiscriminator(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, real_latents, fake_latents, filename, architecture, steps, batch_size, learning_rate,
-                weight_decay, heldout_fraction, eval_every, patience, augment, seed) -> io.NodeOutput:
+                weight_decay, heldout_fraction, eval_every, patience, augment, seed, negative=None) -> io.NodeOutput:
         path = output_path(filename)
+        conditioning = None
+        if negative is not None and architecture == "features":
+            conditioning = negative_conditioning(model, negative, tuple(real_latents["samples"].shape[1:]))
         config = TrainConfig(architecture=architecture, steps=steps, batch_size=batch_size,
                              learning_rate=learning_rate, weight_decay=weight_decay,
                              heldout_fraction=heldout_fraction, eval_every=eval_every, patience=patience,
                              augment=augment, seed=seed)
         trainer = Trainer(model, real_latents["samples"], fake_latents["samples"], config,
-                          real_labels=real_latents.get("dg_labels"), fake_labels=fake_latents.get("dg_labels"))
+                          real_labels=real_latents.get("dg_labels"), fake_labels=fake_latents.get("dg_labels"),
+                          conditioning=conditioning)
         bar = comfy.utils.ProgressBar(steps)
         disc = trainer.run(on_step=lambda step, loss, record: bar.update_absolute(step, steps),
                            should_stop=interrupted)

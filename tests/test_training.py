@@ -211,6 +211,18 @@ def test_training_node_saves_a_loadable_file_and_a_plot(pack_nodes, data):
     assert "node_made.safetensors" in folder_paths.get_filename_list("discriminators")
 
 
+def test_training_node_under_the_negative_prompt(pack_nodes, data):
+    cls = pack_nodes[0]["DGTrainDiscriminator"]
+    negative = [[torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(3)), {}]]
+    with torch.inference_mode():
+        cls.execute(data["model"], {"samples": data["real"]}, {"samples": data["fake"]}, "under_negative", "features",
+                    4, 32, 3e-4, 1e-7, 0.1, 2, 0, True, 0, negative=negative)
+    loaded = load_discriminator(os.path.join(pack_nodes[1], "under_negative.safetensors"))
+    context, y = loaded.conditioning
+    torch.testing.assert_close(context, negative[0][0][0])
+    assert y is None
+
+
 @pytest.mark.parametrize("stop_at", [1, 7, 23])
 def test_interrupt_stops_within_a_step_and_leaves_the_old_file_intact(pack_nodes, data, stop_at):
     path = os.path.join(pack_nodes[1], "kept.safetensors")
