@@ -9,12 +9,13 @@ import os
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from ..atomic import save_safetensors
 
 log = logging.getLogger("comfy_dg")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+CACHE_KEY = "comfy_dg.cache"
 
 
 class DataError(ValueError):
@@ -82,22 +83,40 @@ def model_fingerprint(model_patcher) -> str:
     return _digest(module_fingerprint(model_patcher.model.diffusion_model), patches)
 
 
+def _checksum(latents: torch.Tensor) -> str:
+    return hashlib.sha256(latents.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
 def read_cache(path: str, expect_count: int | None = None):
+    """The cached latents, or None when there is no cache or it cannot be trusted: unreadable, not the shape
+    asked for, non-finite, or not the bytes that were written (each cache records the SHA-256 of its latents, so
+    damage that still parses, such as flipped bits in the data, is caught too). A damaged cache is rebuilt."""
     if not os.path.isfile(path):
         return None
     try:
-        latents = load_file(path)["latents"]
-        if latents.ndim != 4 or (expect_count is not None and len(latents) != expect_count) \
-                or not torch.isfinite(latents).all():
-            raise ValueError("unexpected contents")
+        with safe_open(path, "pt") as f:
+            facts = json.loads((f.metadata() or {}).get(CACHE_KEY, "null"))
+            if not isinstance(facts, dict) or not isinstance(facts.get("sha256"), str):
+                raise ValueError("no checksum in its metadata")
+            if sorted(f.keys()) != ["latents"]:
+                raise ValueError(f"tensors {sorted(f.keys())[:5]} instead of one 'latents'")
+            latents = f.get_tensor("latents")
+        if latents.dtype != torch.float32 or latents.ndim != 4 \
+                or (expect_count is not None and len(latents) != expect_count):
+            raise ValueError(f"unexpected contents ({latents.dtype}, shape {tuple(latents.shape)})")
+        if _checksum(latents) != facts["sha256"]:
+            raise ValueError("its latents do not match their checksum")
+        if not torch.isfinite(latents).all():
+            raise ValueError("non-finite latents")
         return latents
     except Exception as e:   # a damaged cache is rebuilt, never trusted
-        log.warning("comfy-dg: ignoring damaged cache %s (%s); rebuilding it.", path, e)
+        log.warning("comfy-dg: ignoring damaged cache %s (%s); rebuilding it.", path, str(e)[:200])
         return None
 
 
 def write_cache(path: str, latents: torch.Tensor, facts: dict):
-    save_safetensors({"latents": latents.contiguous()}, path, {"comfy_dg.cache": json.dumps(facts)})
+    latents = latents.detach().float().cpu().contiguous()
+    save_safetensors({"latents": latents}, path, {CACHE_KEY: json.dumps({**facts, "sha256": _checksum(latents)})})
 
 
 def encode_folder(folder, vae, resolution, batch_size, cache_dir=None, progress=None, should_stop=None):
