@@ -84,25 +84,27 @@ class Frontend:
         """The workflow as the frontend's own Export writes it (graphToPrompt's `workflow`)."""
         return json.loads(self.js("async () => JSON.stringify((await app.graphToPrompt()).workflow)"))
 
-    def fit(self):
-        """Show the whole graph in the window (the view a saved workflow opens with)."""
-        self.js("""() => {
+    def fit(self, node_ids=None, max_scale=1.2):
+        """Show the whole graph (or the given nodes) in the window: the view a saved workflow opens with."""
+        self.js("""([ids, maxScale]) => {
             app.canvas.show_info = false;
-            const b = app.graph._nodes.reduce((a, n) => [Math.min(a[0], n.pos[0]), Math.min(a[1], n.pos[1] - 40),
+            const nodes = ids ? app.graph._nodes.filter(n => ids.includes(n.id)) : app.graph._nodes;
+            const b = nodes.reduce((a, n) => [Math.min(a[0], n.pos[0]), Math.min(a[1], n.pos[1] - 40),
                 Math.max(a[2], n.pos[0] + n.size[0]), Math.max(a[3], n.pos[1] + n.size[1])],
                 [Infinity, Infinity, -Infinity, -Infinity]);
             const c = app.canvas.canvas, pad = 30;
-            const s = Math.min((c.clientWidth - 2 * pad) / (b[2] - b[0]), (c.clientHeight - 2 * pad) / (b[3] - b[1]), 1.2);
+            const s = Math.min((c.clientWidth - 2 * pad) / (b[2] - b[0]), (c.clientHeight - 2 * pad) / (b[3] - b[1]), maxScale);
             app.canvas.ds.scale = s;
             app.canvas.ds.offset = [(c.clientWidth / s - (b[2] - b[0])) / 2 - b[0],
                                     (c.clientHeight / s - (b[3] - b[1])) / 2 - b[1]];
             app.canvas.setDirty(true, true);
             app.canvas.draw(true, true);
-        }""")
+        }""", [node_ids, max_scale])
 
-    def fit_and_screenshot(self, path, quality=None):
-        """Fit the graph to the window, hide the frontend's panels and save a picture of the canvas."""
-        self.fit()
+    def fit_and_screenshot(self, path, quality=None, node_ids=None, max_scale=1.2):
+        """Fit the graph (or some of its nodes) to the window, hide the frontend's panels and save a picture of
+        the canvas."""
+        self.fit(node_ids, max_scale)
         self.page.wait_for_timeout(300)
         # Only the canvas and the widgets drawn over it (prompt boxes): no menus, banners or minimap.
         self.js("(css) => { const s = document.createElement('style'); s.dataset.comfyDg = '1'; "

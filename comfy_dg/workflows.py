@@ -53,6 +53,7 @@ class Workflow:
     summary: str
     nodes: list
     links: list   # (from key, output name or index, to key, input name)
+    focus: list = field(default_factory=lambda: ["dg", "plain", "guided"])   # what the thumbnail shows
 
     def node(self, key):
         return next(n for n in self.nodes if n.key == key)
@@ -85,7 +86,7 @@ def text_to_image(name, summary, ckpt, disc, size, steps, cfg, text):
         ("dg", 0, "sampler", "model"), ("pos", 0, "sampler", "positive"), ("neg", 0, "sampler", "negative"),
         ("latent", 0, "sampler", "latent_image"), ("sampler", 0, "decode", "samples"), ("ckpt", "VAE", "decode", "vae"),
         ("decode", 0, "save", "images"),
-    ])
+    ], focus=["dg", "latent", "sampler"])
 
 
 WORKFLOWS = [
@@ -136,7 +137,7 @@ WORKFLOWS = [
         ("noise", 0, "sampler", "noise"), ("guider", 0, "sampler", "guider"), ("ksel", 0, "sampler", "sampler"),
         ("sched", 0, "sampler", "sigmas"), ("latent", 0, "sampler", "latent_image"),
         ("sampler", 0, "decode", "samples"), ("vae", 0, "decode", "vae"), ("decode", 0, "save", "images"),
-    ]),
+    ], focus=["dg", "guider", "noise", "sched", "latent", "sampler"]),
     Workflow("4_ab_same_seed_with_and_without_dg", "A/B: the same seed without and with DG, side by side", [
         note("## A/B: the same seeds without and with DG\n\n"
              "One seed (the Int node) drives both KSamplers; the lower one samples the guided model. "
@@ -174,7 +175,8 @@ WORKFLOWS = [
              "2. **Encode Real Images (DG)** encodes them with the checkpoint's VAE; **Sample Fake Latents (DG)** "
              "samples the checkpoint itself in KSampler batches (about as many as real images, same resolution).\n"
              "3. **Train Discriminator (DG)** saves `models/discriminators/sd15_dg.safetensors` and shows held-out "
-             "accuracy and BCE per σ band.\n\nBoth data sets are cached on disk: re-runs skip them. "
+             "accuracy and BCE per σ band. Its `negative` input takes the negative prompt you will sample with: "
+             "guiding with that same negative then costs no extra pass through the UNet.\n\nBoth data sets are cached on disk: re-runs skip them. "
              "Needs `checkpoints/v1-5-pruned-emaonly-fp16.safetensors` (or your own checkpoint)."),
         Node("ckpt", "CheckpointLoaderSimple", 0, {"ckpt_name": SD15["name"]}, models=[SD15]),
         Node("pos", "CLIPTextEncode", 1, {"text": POSITIVE}, title="Your usual prompt"),
@@ -189,8 +191,8 @@ WORKFLOWS = [
         ("ckpt", "VAE", "real", "vae"), ("ckpt", "CLIP", "pos", "clip"), ("ckpt", "CLIP", "neg", "clip"),
         ("ckpt", "MODEL", "fake", "model"), ("pos", 0, "fake", "positive"), ("neg", 0, "fake", "negative"),
         ("ckpt", "MODEL", "train", "model"), ("real", 0, "train", "real_latents"), ("fake", 0, "train", "fake_latents"),
-        ("train", 1, "plot", "images"),
-    ]),
+        ("train", 1, "plot", "images"), ("neg", 0, "train", "negative"),
+    ], focus=["real", "fake", "train"]),
     Workflow("6_cpu_demo_digits", "The CPU demo: the pack's embedded digits model without and with DG", [
         note("## The CPU demo (nothing to download)\n\n"
              "The pack's embedded digits model (a real ComfyUI model, 0.55M parameters) and its features "
@@ -264,6 +266,7 @@ BUILD_JS = """(spec) => {
     graph.setDirtyCanvas(true, true);
     // The same id on every rebuild, so regenerated files differ only where the graph does.
     graph.id = spec.id;
+    return Object.fromEntries(Object.entries(made).map(([key, n]) => [key, n.id]));
 }"""
 
 

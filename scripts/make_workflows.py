@@ -15,8 +15,10 @@ sys.path.insert(0, REPO)
 
 from comfy_dg.comfy_env import comfyui_path  # noqa: E402
 from comfy_dg.comfy_server import ComfyServer  # noqa: E402
-from comfy_dg.frontend import Frontend  # noqa: E402
+from comfy_dg.frontend import VIEWPORT, Frontend  # noqa: E402
 from comfy_dg.workflows import BUILD_JS, FOLDER, WORKFLOWS, spec  # noqa: E402
+
+THUMBNAIL = {"width": 800, "height": 600}
 
 
 def main(names):
@@ -29,7 +31,7 @@ def main(names):
             for wf in WORKFLOWS:
                 if names and wf.name not in names:
                     continue
-                fe.js(BUILD_JS, spec(wf))
+                ids = fe.js(BUILD_JS, spec(wf))
                 fe.fit()
                 graph = fe.export()
                 path = os.path.join(FOLDER, wf.name + ".json")
@@ -37,7 +39,14 @@ def main(names):
                     json.dump(graph, f, indent=2, ensure_ascii=False)
                     f.write("\n")
                 fe.load(graph)
-                fe.fit_and_screenshot(os.path.join(FOLDER, wf.name + ".jpg"))
+                # The templates browser shows thumbnails small and about square: the part of the graph with
+                # Discriminator Guidance in it, legible, in a 4:3 window.
+                fe.page.set_viewport_size(THUMBNAIL)
+                fe.page.wait_for_timeout(300)
+                fe.fit_and_screenshot(os.path.join(FOLDER, wf.name + ".jpg"), node_ids=[ids[k] for k in wf.focus],
+                                      max_scale=1.0)
+                fe.page.set_viewport_size(VIEWPORT)
+                fe.page.wait_for_timeout(300)
                 print(f"wrote {path} and its thumbnail", flush=True)
         finally:
             fe.close()
