@@ -24,6 +24,10 @@ D_CLIP = 1e-5
 # d clipped to [1e-5, 1 − 1e-5] is log r clipped to ±log((1 − 1e-5)/1e-5); outside, ∇ log r = 0.
 LOGIT_MAX = math.log((1.0 - D_CLIP) / D_CLIP)
 TRACKERS_KEY = "comfy_dg_step_trackers"
+# A correction that moves any latent element by more than MAX_SHIFT·(1 + σ/α) is no sound discriminator's (those
+# move the denoised estimate by a few σ/α at most): treated as unusable, like a non-finite one, so a finite but
+# absurd gradient cannot throw x out of the model's numeric range. Loose enough never to touch Theorem 1's ratio.
+MAX_SHIFT = 1e3
 
 
 @dataclass(frozen=True)
@@ -184,11 +188,15 @@ class GuidancePatch:
         scale = w * parameterization.denoised_scale(ms, ss.to(grad.dtype))
         correction = scale.reshape(-1, *([1] * (grad.ndim - 1))) * grad
 
-        finite = torch.isfinite(correction).flatten(1).all(dim=1) & torch.isfinite(logit)
+        # σ/α as the correction uses it (α floored): denoised_scale = σ²/α.
+        limit = MAX_SHIFT * (1.0 + parameterization.denoised_scale(ms, ss.to(grad.dtype)) / ss.to(grad.dtype))
+        shift = correction.flatten(1).abs().amax(dim=1)
+        finite = torch.isfinite(correction).flatten(1).all(dim=1) & torch.isfinite(logit) & (shift <= limit)
         if not bool(finite.all()):
             if not self.warned_nonfinite:
-                log.warning("comfy-dg: the discriminator gave a non-finite log r or gradient for %d of %d "
-                            "samples at σ=%s; those samples get no correction.",
+                log.warning("comfy-dg: the discriminator gave a non-finite or absurdly large (> %g·(1 + σ/α)) "
+                            "log r or gradient for %d of %d samples at σ=%s; those samples get no correction.",
+                            MAX_SHIFT,
                             int((~finite).sum()), len(finite), [round(float(s), 4) for s in ss[~finite]])
                 self.warned_nonfinite = True
             correction = torch.where(finite.reshape(-1, *([1] * (grad.ndim - 1))), correction,
