@@ -33,8 +33,9 @@ def _normal(v):
 
 class SharedForward:
     """Wrappers (CALC_COND_BATCH and APPLY_MODEL) that take a features head's log r and ∇ₓ log r from the
-    sampler's uncond forward. `guided(base_model, model_options, σ)` says, without side effects, whether the guide will
-    correct this evaluation; `prepare(device)` puts the head there; `labels(n)` gives its class labels."""
+    sampler's uncond forward. `guided(base_model, model_options, σ)` says, without side effects, whether the
+    guide will correct this evaluation; `prepare(device)` puts the head there; `labels(n, device)` gives its
+    class labels (or None)."""
 
     def __init__(self, head, guided, prepare, labels, logit_max: float):
         self.head, self.guided, self.prepare, self.labels = head, guided, prepare, labels
