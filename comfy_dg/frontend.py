@@ -45,12 +45,16 @@ class Frontend:
                                      method="POST", headers={"Content-Type": "application/json"})
         urllib.request.urlopen(req, timeout=30).close()
         self._pw = sync_playwright().start()
-        self._browser = self._pw.chromium.launch(executable_path=exe, args=ARGS)
-        self.page = self._browser.new_page(viewport=VIEWPORT)
-        self.page.on("console", lambda m: self.console.append((m.type, m.text)))
-        self.page.on("pageerror", lambda e: self.console.append(("pageerror", str(e))))
-        self.page.goto(self.server.url, timeout=timeout * 1000)
-        self.page.wait_for_function(READY, timeout=timeout * 1000)
+        try:
+            self._browser = self._pw.chromium.launch(executable_path=exe, args=ARGS)
+            self.page = self._browser.new_page(viewport=VIEWPORT)
+            self.page.on("console", lambda m: self.console.append((m.type, m.text)))
+            self.page.on("pageerror", lambda e: self.console.append(("pageerror", str(e))))
+            self.page.goto(self.server.url, timeout=timeout * 1000)
+            self.page.wait_for_function(READY, timeout=timeout * 1000)
+        except Exception:
+            self.close()
+            raise
         return self
 
     def close(self):
@@ -58,6 +62,7 @@ class Frontend:
             self._browser.close()
         if self._pw:
             self._pw.stop()
+        self._browser = self._pw = None
 
     def js(self, source, arg=None):
         return self.page.evaluate(source, arg)
