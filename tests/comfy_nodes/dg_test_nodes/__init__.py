@@ -40,3 +40,66 @@ class DGTestTinyVAE:
 
 
 NODE_CLASS_MAPPINGS = {"DGTestTinyModel": DGTestTinyModel, "DGTestTinyVAE": DGTestTinyVAE}
+
+
+class DGTestFastModel:
+    """The tiny model without attention blocks (much faster): for load tests with many prompts."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, seed):
+        m = tiny_model("EPS", seed=seed, attention=False)
+        pos, neg = empty_conditioning(m)
+        return (m, pos, neg)
+
+
+def _live(class_names):
+    import gc
+    return [o for o in gc.get_objects() if type(o).__name__ in class_names]
+
+
+class DGTestMemoryReport:
+    """Reports the server process's memory and what the pack left alive: discriminator modules and their tensors,
+    guidance patches, patched models. Runs gc first; `trim` also hands freed heap memory back to the system
+    (malloc_trim), so that RSS shows what is held rather than what the allocator keeps for reuse."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"nonce": ("INT", {"default": 0}), "trim": ("BOOLEAN", {"default": True})},
+                "optional": {"after": ("LATENT",)}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def report(self, nonce, trim, after=None):
+        import ctypes
+        import gc
+        import comfy.model_management
+        gc.collect()
+        if trim:
+            try:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except OSError:
+                pass
+        discs = _live({"StandaloneDiscriminator", "FeatureHeadDiscriminator"})
+        tensors = sum(len(list(d.parameters())) + len(list(d.buffers())) for d in discs)
+        with open("/proc/self/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        facts = {"nonce": nonce, "rss_kb": int(status["VmRSS"].split()[0]), "hwm_kb": int(status["VmHWM"].split()[0]),
+                 "discriminators": len(discs), "discriminator_tensors": tensors,
+                 "guidance_patches": len(_live({"GuidancePatch"})),
+                 "loaded_models": len(comfy.model_management.current_loaded_models)}
+        del discs
+        import json
+        return {"ui": {"report": [json.dumps(facts)]}}
+
+
+NODE_CLASS_MAPPINGS.update({"DGTestFastModel": DGTestFastModel, "DGTestMemoryReport": DGTestMemoryReport})
