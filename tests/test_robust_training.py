@@ -256,7 +256,7 @@ def test_a_running_writers_temporary_file_is_not_removed(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         keep = [f".comfy_dg-{os.getpid()}@{host}~abc.tmp", f".comfy_dg-state-{child.pid}@{host}~abc.tmp",
-                f".comfy_dg-1@other-host~abc.tmp", "notes.tmp", ".comfy_dg-junk.tmp"]
+                ".comfy_dg-1@other-host~abc.tmp", "notes.tmp", ".comfy_dg-junk.tmp"]
         dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout.strip()
         gone = f".comfy_dg-{dead}@{host}~abc.tmp"
