@@ -59,7 +59,7 @@ def save_safetensors(tensors: dict, path: str, metadata: dict | None = None, pre
     os.makedirs(folder, exist_ok=True)
     remove_stale_temp_files(folder)
     tmp_dir = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}@{_host()}~", suffix=".tmp", dir=folder)
-    tmp = os.path.join(tmp_dir, os.path.basename(path))
+    tmp = os.path.join(tmp_dir, "partial")     # no .safetensors suffix: never listed as a model while written
     try:
         try:
             save_file(tensors, tmp, metadata=metadata)

@@ -406,3 +406,25 @@ def test_a_damaged_fake_cache_is_resampled(cache_data, damage, monkeypatch):
     finally:
         with open(path, "wb") as f:
             f.write(good)
+
+
+def test_a_file_being_written_is_never_listed_as_a_discriminator(folder, monkeypatch):
+    """While a save is under way (its data written, not yet renamed into place), the discriminator list that
+    Load Discriminator shows holds only the finished files."""
+    import comfy_dg.atomic
+    from comfy_dg import DiscriminatorInfo, StandaloneDiscriminator
+    torch.manual_seed(0)
+    disc = StandaloneDiscriminator(DiscriminatorInfo(4, "SD15"), width=16, levels=2, emb_dim=32)
+    save_discriminator(disc, os.path.join(folder, "done.safetensors"))
+    seen = []
+    real_save_file = comfy_dg.atomic.save_file
+
+    def save_and_look(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        files, _ = folder_paths.recursive_search(folder, excluded_dir_names=[".git"])
+        seen.append(folder_paths.filter_files_extensions(files, folder_paths.folder_names_and_paths[
+            "discriminators"][1]))
+    monkeypatch.setattr(comfy_dg.atomic, "save_file", save_and_look)
+    save_discriminator(disc, os.path.join(folder, "new.safetensors"))
+    assert seen == [["done.safetensors"]]
+    assert sorted(os.listdir(folder)) == ["done.safetensors", "new.safetensors"]
