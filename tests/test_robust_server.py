@@ -85,8 +85,9 @@ def saved_latent(server, hist, node="6"):
     return load_file(os.path.join(server.base, "output", out["subfolder"], out["filename"]))["latent_tensor"]
 
 
-def report(server, nonce):
-    hist = server.run({"1": {"class_type": "DGTestMemoryReport", "inputs": {"nonce": nonce, "trim": True}}})
+def report(server, nonce, reset_peak=False):
+    hist = server.run({"1": {"class_type": "DGTestMemoryReport",
+                             "inputs": {"nonce": nonce, "trim": True, "reset_peak": reset_peak}}})
     assert hist["status"]["status_str"] == "success", hist["status"]
     return json.loads(hist["outputs"]["1"]["report"][0])
 
@@ -101,6 +102,8 @@ def error_text(hist):
 def test_hostile_files_fail_their_prompts_and_the_server_keeps_serving(server, fuzz_cases):
     cases, marker = fuzz_cases
     assert len(cases) >= 14
+    assert server.run(graph("standalone.safetensors", prefix="warm_bad"))["status"]["status_str"] == "success"
+    before = report(server, 100, reset_peak=True)
     for case in cases:
         status, body = server.post_prompt(graph(case.name, prefix="bad"))
         if status == 400:       # refused at validation: acceptable, if it names the node
@@ -112,10 +115,15 @@ def test_hostile_files_fail_their_prompts_and_the_server_keeps_serving(server, f
         assert case.name in text and re.search(case.expected, text), f"{case}: {text}"
         assert server.get("/system_stats")["system"]["python_version"]
     assert not os.path.exists(marker), "a pickle payload ran inside the server"
+    after = report(server, 101)
     ok = server.run(graph("standalone.safetensors", prefix="after_bad"))
     assert ok["status"]["status_str"] == "success"
     assert server.proc.poll() is None
-    print(f"\nserver: {len(cases)} hostile files (one per fuzz category) each failed its prompt; server still serving")
+    growth = (after["hwm_kb"] - before["rss_kb"]) / 1024
+    print(f"\nserver: {len(cases)} hostile files (one per fuzz category) each failed its prompt; server still "
+          f"serving; peak RSS {growth:+.1f} MB over the RSS before them")
+    assert growth < 50, f"the server's peak RSS grew by {growth:.1f} MB while refusing hostile files"
+    assert after["discriminators"] == 0, after
 
 
 NOT_REFUSED = pytest.mark.xfail(strict=True, reason=(
@@ -177,7 +185,7 @@ def test_a_queue_of_prompts_matches_solo_runs_bit_for_bit_and_memory_returns(ser
     # Warm up: one prompt of each kind, so one-time costs (imports, first allocations) are not counted.
     for i, disc in enumerate((None, "standalone.safetensors", "features.safetensors")):
         assert server.run(graph(disc, seed=i, prefix="warm"))["status"]["status_str"] == "success"
-    baseline = report(server, 1)
+    baseline = report(server, 1, reset_peak=True)
     assert baseline["discriminators"] == 0, baseline
 
     plan = load_plan()
@@ -212,7 +220,7 @@ def test_a_queue_of_prompts_matches_solo_runs_bit_for_bit_and_memory_returns(ser
             mismatched.append(f"{name} ({disc}, {sampler}): max |Δ| {float((served - solo).abs().max()):.3g}")
     print(f"\nload: {len(plan)} prompts ({pending} pending at once after queueing) in {wall:.1f} s "
           f"({wall / len(plan):.2f} s each); RSS baseline {baseline['rss_kb'] / 1024:.1f} MB, after "
-          f"{after['rss_kb'] / 1024:.1f} MB (peak {after['hwm_kb'] / 1024:.1f} MB); live discriminators after: "
+          f"{after['rss_kb'] / 1024:.1f} MB (peak during the queue {after['hwm_kb'] / 1024:.1f} MB); live discriminators after: "
           f"{after['discriminators']}, guidance patches: {after['guidance_patches']}")
     assert not mismatched, "queued results differ from solo runs:\n" + "\n".join(mismatched)
     assert pending >= 40, "the prompts were not queued together"

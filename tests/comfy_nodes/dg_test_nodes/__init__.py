@@ -67,19 +67,20 @@ def _live(class_names):
 class DGTestMemoryReport:
     """Reports the server process's memory and what the pack left alive: discriminator modules and their tensors,
     guidance patches, patched models. Runs gc first; `trim` also hands freed heap memory back to the system
-    (malloc_trim), so that RSS shows what is held rather than what the allocator keeps for reuse."""
+    (malloc_trim), so that RSS shows what is held rather than what the allocator keeps for reuse. `reset_peak`
+    restarts the kernel's peak-RSS count (VmHWM) after reporting."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"nonce": ("INT", {"default": 0}), "trim": ("BOOLEAN", {"default": True})},
-                "optional": {"after": ("LATENT",)}}
+                "optional": {"after": ("LATENT",), "reset_peak": ("BOOLEAN", {"default": False})}}
 
     RETURN_TYPES = ()
     FUNCTION = "report"
     OUTPUT_NODE = True
     CATEGORY = "testing"
 
-    def report(self, nonce, trim, after=None):
+    def report(self, nonce, trim, after=None, reset_peak=False):
         import ctypes
         import gc
         import comfy.model_management
@@ -98,6 +99,9 @@ class DGTestMemoryReport:
                  "guidance_patches": len(_live({"GuidancePatch"})),
                  "loaded_models": len(comfy.model_management.current_loaded_models)}
         del discs
+        if reset_peak:       # VmHWM starts again from the current RSS: the next report's hwm_kb is the peak since
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
         import json
         return {"ui": {"report": [json.dumps(facts)]}}
 
