@@ -343,6 +343,9 @@ class Fuzzer:
             (merge("comfy_dg.config", width="16"), "hyper-parameters are invalid"),
             (merge("comfy_dg.config", depth=3), "hyper-parameters are invalid"),
             (merge("comfy_dg.config", levels=10 ** 12), "declares levels=1000000000000, more blocks than"),
+            (merge("comfy_dg.config", width=10 ** 30), "hyper-parameters are invalid"),
+            (merge("comfy_dg.config", emb_dim=0), r"needs a float tensor of shape \[0, 0\]"),
+            (merge("comfy_dg.config", levels=-5), "do not match the standalone architecture"),
             (setter("comfy_dg.note", 5), "not a table of strings"),
         ]
         for i in range(n):
@@ -402,7 +405,7 @@ class Fuzzer:
         self.non_finite(21)
         self.architecture_lie(24)
         self.pickles(20)
-        self.metadata(19)
+        self.metadata(22)
         self.offsets(18)
         self.garbage(12)
         return self.cases
