@@ -19,10 +19,10 @@ def prompts(model, seed=5):
     return pos, [[torch.randn(neg[0][0].shape, generator=g, dtype=torch.float32), dict(neg[0][1])]]
 
 
-def head_under(model, negative, seed=0):
+def head_under(model, negative, seed=0, dtype=None):
     bm = model.model
     context, y = negative_conditioning(model, negative, (bm.latent_format.latent_channels, 8, 8))
-    dtype = bm.get_dtype()
+    dtype = dtype or bm.get_dtype()
     torch.manual_seed(seed)
     with torch.inference_mode(False):
         d = FeatureHeadDiscriminator(DiscriminatorInfo(4, type(bm.latent_format).__name__),
@@ -120,3 +120,28 @@ def test_conditioning_is_saved_checked_and_trained_under(tmp_path, second_passes
         Trainer(model, real, fake, TrainConfig(architecture="standalone"), conditioning=d.conditioning)
     with pytest.raises(TrainingError, match="one plain negative"):
         negative_conditioning(model, neg + neg, (4, 8, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(dtype, second_passes, monkeypatch):
+    """A float32 head on a half-precision network: the shared forward's log r and ∇ₓ log r agree with the head's
+    own pass (compared at one evaluation: whole runs in half precision differ by the
+    rounding of the split vs the batched CFG forward)."""
+    from comfy_dg.guidance import log_ratio_and_grad
+    from probe import evaluate
+    model = tiny_model("EPS", dtype=dtype)
+    negative = empty_conditioning(model)[1]           # the probe's own negative
+    head = head_under(model, negative, dtype=torch.float32)
+    taken = []
+    take = SharedForward.take
+    monkeypatch.setattr(SharedForward, "take", lambda self, x, sigma: taken.append(take(self, x, sigma)) or taken[-1])
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)) * 3.0
+    evaluate(guide(model, head, weight=1.0), [(3.0, x)], cfg=3.0)
+    assert not second_passes and taken and taken[0] is not None
+    logit, grad = taken[0]
+    ms = model.model.model_sampling
+    ref_logit, ref_grad = log_ratio_and_grad(head.bind(model.model), ms, x, torch.full((2,), 3.0))
+    assert second_passes
+    assert torch.isfinite(grad).all() and ref_grad.abs().max() > 0
+    assert (grad - ref_grad).norm() < 1e-3 * ref_grad.norm(), float((grad - ref_grad).norm() / ref_grad.norm())
+    torch.testing.assert_close(logit, ref_logit, rtol=1e-3, atol=1e-3)
