@@ -188,8 +188,8 @@ class GuidancePatch:
         scale = w * parameterization.denoised_scale(ms, ss.to(grad.dtype))
         correction = scale.reshape(-1, *([1] * (grad.ndim - 1))) * grad
 
-        # σ/α as the correction uses it (α floored): denoised_scale = σ²/α.
-        limit = MAX_SHIFT * (1.0 + parameterization.denoised_scale(ms, ss.to(grad.dtype)) / ss.to(grad.dtype))
+        s = ss.to(grad.dtype)
+        limit = MAX_SHIFT * (1.0 + s / parameterization.alpha(ms, s).clamp_min(parameterization.ALPHA_MIN))
         shift = correction.flatten(1).abs().amax(dim=1)
         finite = torch.isfinite(correction).flatten(1).all(dim=1) & torch.isfinite(logit) & (shift <= limit)
         if not bool(finite.all()):
