@@ -16,7 +16,7 @@ from . import parameterization
 from .shared_forward import SharedForward
 from .schedules import SCHEDULES, schedule_factor, window_position
 from .steps import StepTracker, sampler_name
-from .tensors import autograd_weights
+from .tensors import autograd_weights, gradient_dtype
 
 log = logging.getLogger("comfy_dg")
 
@@ -69,11 +69,6 @@ class DGOptions:
                              f"classes 0..{classes - 1}.")
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    # The gradient is taken in float32 at least, whatever the model runs in; float64 stays float64.
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def log_ratio_and_grad(discriminator, model_sampling, x: torch.Tensor, sigma: torch.Tensor):
     """(log r, ∇ₓ log r) per sample, with log r clipped as d is.
 
@@ -82,7 +77,7 @@ def log_ratio_and_grad(discriminator, model_sampling, x: torch.Tensor, sigma: to
     calculate_input to the sampler-space x. ComfyUI samples under inference mode, so the graph is built
     on fresh tensors with inference mode off.
     """
-    dtype = _compute_dtype(x)
+    dtype = gradient_dtype(x)
     with torch.inference_mode(False), torch.enable_grad():
         xg = x.detach().clone().to(dtype).requires_grad_(True)
         sg = sigma.detach().clone().to(device=x.device, dtype=dtype)
@@ -137,24 +132,30 @@ class GuidancePatch:
         label = self.options.class_label
         return None if label < 0 else torch.full((n,), label, device=device)
 
+    def _tracker(self, model_options):
+        return model_options.get("transformer_options", {}).get(TRACKERS_KEY, {}).get(self.key)
+
+    def _window(self, model_sampling, sigma):
+        """(σ_start, σ_end, which samples' σ lie inside the window)."""
+        sigma_start, sigma_end = parameterization.sigma_window(model_sampling, self.options.start_percent,
+                                                               self.options.end_percent)
+        return sigma_start, sigma_end, (sigma <= sigma_start) & (sigma >= sigma_end)
+
     def _will_guide(self, base_model, model_options, sigma) -> bool:
         """Whether the hook will correct this evaluation (no side effects: the shared forward asks first)."""
         opts = self.options
         if opts.weight == 0.0:
             return False
-        tracker = model_options.get("transformer_options", {}).get(TRACKERS_KEY, {}).get(self.key)
+        tracker = self._tracker(model_options)
         if opts.first_evaluation_only and tracker is not None and not tracker.peek():
             return False
-        sigma_start, sigma_end = parameterization.sigma_window(base_model.model_sampling, opts.start_percent,
-                                                               opts.end_percent)
-        return bool(((sigma <= sigma_start) & (sigma >= sigma_end)).any())
+        return bool(self._window(base_model.model_sampling, sigma)[2].any())
 
     # --- the hook ------------------------------------------------------------------------------------
     def __call__(self, args):
         denoised = args["denoised"]
         opts = self.options
-        trackers = args["model_options"].get("transformer_options", {}).get(TRACKERS_KEY, {})
-        tracker = trackers.get(self.key)
+        tracker = self._tracker(args["model_options"])
         if opts.first_evaluation_only and tracker is not None and not tracker.on_evaluation():
             return denoised
         if opts.weight == 0.0:
@@ -165,8 +166,7 @@ class GuidancePatch:
         sigma = sigma.reshape(-1)
         if sigma.numel() == 1 and x.shape[0] > 1:
             sigma = sigma.expand(x.shape[0])
-        sigma_start, sigma_end = parameterization.sigma_window(ms, opts.start_percent, opts.end_percent)
-        active = (sigma <= sigma_start) & (sigma >= sigma_end)
+        sigma_start, sigma_end, active = self._window(ms, sigma)
         if not bool(active.any()):
             return denoised
         rows = active.nonzero().reshape(-1)

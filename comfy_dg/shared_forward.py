@@ -16,7 +16,7 @@ pass under the stored conditioning instead (taps.UNetMiddle.features): the resul
 """
 import torch
 
-from .tensors import autograd_weights, frozen
+from .tensors import autograd_weights, frozen, gradient_dtype
 
 # Keys of a processed cond that change the uncond forward beyond its prompt.
 _ALTERING_KEYS = ("area", "mask", "control", "hooks", "gligen", "timestep_start", "timestep_end", "default")
@@ -96,7 +96,7 @@ class SharedForward:
         options["patches"] = patches
         base_model = executor.class_obj
         self.prepare(x.device)
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dtype = gradient_dtype(x)
         with torch.inference_mode(False), torch.enable_grad():
             autograd_weights(base_model.diffusion_model)
             xg = x.detach().clone().to(dtype).requires_grad_(True)

@@ -61,20 +61,8 @@ class UNetMiddle:
         if getattr(dm, "num_classes", None) is not None and "y" not in kwargs:
             kwargs["y"] = torch.zeros(b, cfg["adm_in_channels"], device=device, dtype=dtype) \
                 if dm.num_classes == "sequential" else torch.zeros(b, device=device, dtype=torch.long)
-        captured = {}
-
-        def grab(_module, _inputs, output):
-            captured["h"] = output
-            raise _Stop
-
-        handle = dm.middle_block[-1].register_forward_hook(grab)
-        try:
-            dm(x_in.to(dtype), t, context=context, transformer_options={}, **kwargs)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        return captured["h"]
+        return _run_until(dm, dm.middle_block[-1],
+                          lambda: dm(x_in.to(dtype), t, context=context, transformer_options={}, **kwargs))
 
 
 def _saved_activation_copies():
