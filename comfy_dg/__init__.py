@@ -4,12 +4,13 @@ Public API:
     guide(model, discriminator, weight=1.0, start_percent=0.0, end_percent=1.0, **options) -> ModelPatcher
     load_discriminator(path) -> Discriminator
     save_discriminator(discriminator, path, training=None)
+Every error the pack raises on purpose is a DGError.
 """
-from .discriminators import (Discriminator, DiscriminatorInfo, FeatureHeadDiscriminator, IncompatibleDiscriminator,
-                             StandaloneDiscriminator)
+from .discriminators import Discriminator, DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator
+from .errors import DGError, IncompatibleDiscriminator, OptionError
 from .files import DiscriminatorFileError, load_discriminator, save_discriminator
-from .guidance import DGOptions, guide
+from .patch import guide
 
-__all__ = ["guide", "load_discriminator", "save_discriminator", "DGOptions", "Discriminator", "DiscriminatorInfo",
-           "StandaloneDiscriminator", "FeatureHeadDiscriminator", "DiscriminatorFileError",
-           "IncompatibleDiscriminator"]
+__all__ = ["guide", "load_discriminator", "save_discriminator", "Discriminator", "DiscriminatorInfo",
+           "StandaloneDiscriminator", "FeatureHeadDiscriminator", "DGError", "DiscriminatorFileError",
+           "IncompatibleDiscriminator", "OptionError"]

@@ -1,10 +1,11 @@
 """Discriminator files: .safetensors with comfy-dg metadata. Nothing is ever unpickled.
 
 Metadata keys (all strings, as safetensors requires):
-    comfy_dg.format        "1"
+    comfy_dg.format        "2" (format 1, read too, named a features head's network by ComfyUI's class name)
     comfy_dg.architecture  "standalone" | "features"
     comfy_dg.config        JSON: the architecture's hyper-parameters
     comfy_dg.info          JSON: latent_channels, model_family, sigma_min, sigma_max, training provenance
+Model families and networks are the pack's own names (identity.py), never ComfyUI's class names.
 """
 import dataclasses
 import json
@@ -16,8 +17,10 @@ from safetensors.torch import load_file
 
 from .atomic import save_safetensors
 from .discriminators import ARCHITECTURES, Discriminator, DiscriminatorInfo, build
+from .errors import DGError
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READS = ("1", "2")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 # Hyper-parameters that count repeated blocks. Each block holds several tensors, so a file cannot declare more
@@ -27,7 +30,7 @@ BLOCK_COUNTS = ("levels",)
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
-class DiscriminatorFileError(ValueError):
+class DiscriminatorFileError(DGError):
     def __init__(self, path, problem, fix):
         self.path, self.problem, self.fix = str(path), problem, fix
         super().__init__(f"comfy-dg: cannot load discriminator '{os.path.basename(str(path))}': {problem}. {fix}")
@@ -37,7 +40,7 @@ def save_discriminator(discriminator: Discriminator, path, training: dict | None
     """Write the discriminator to `path` (.safetensors) atomically: a crash leaves any old file intact."""
     path = str(path)
     if not path.endswith(".safetensors"):
-        raise ValueError(f"comfy-dg: discriminator files are .safetensors; got '{path}'")
+        raise DGError(f"comfy-dg: discriminator files are .safetensors; got '{path}'")
     info = dataclasses.replace(discriminator.info, training={**discriminator.info.training, **(training or {})})
     metadata = {
         "comfy_dg.format": FORMAT_VERSION,
@@ -96,9 +99,9 @@ def _metadata(path, header):
         raise DiscriminatorFileError(path, "it has no comfy-dg metadata (it is some other safetensors file, "
                                      "such as a model or LoRA)",
                                      "Put only discriminators made by comfy-dg in models/discriminators.")
-    if meta["comfy_dg.format"] != FORMAT_VERSION:
+    if meta["comfy_dg.format"] not in READS:
         raise DiscriminatorFileError(path, f"it is in comfy-dg file format {meta['comfy_dg.format']!r}; this "
-                                     f"version reads format {FORMAT_VERSION!r}", "Update comfy-dg.")
+                                     f"version reads formats {', '.join(READS)}", "Update comfy-dg.")
     arch = meta.get("comfy_dg.architecture")
     if arch not in ARCHITECTURES:
         raise DiscriminatorFileError(path, f"its architecture {arch!r} is unknown (known: {', '.join(ARCHITECTURES)})",

@@ -4,11 +4,6 @@ import contextlib
 import torch
 
 
-def gradient_dtype(x: torch.Tensor) -> torch.dtype:
-    """The gradient is taken in float32 at least, whatever the model runs in; float64 stays float64."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def autograd_weights(module: torch.nn.Module):
     """Parameters made or loaded under inference mode cannot take part in a backward pass; replace them, in
     place, by ordinary tensors with the same values (nothing else about the module changes). Cheap when

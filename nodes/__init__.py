@@ -4,7 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .compare import ComparisonGrid
 from .demo import DecodeDigits, LoadDemoModel
-from .guide import DiscriminatorGuidance
+from .guide import DiscriminatorGuidance, DiscriminatorGuidanceV1
 from .load import LoadDiscriminator
 from .train import CombineLatents, EncodeRealImages, SampleFakeLatents, TrainDiscriminator
 
@@ -13,4 +13,4 @@ class DiscriminatorGuidanceExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadDiscriminator, DiscriminatorGuidance, EncodeRealImages, SampleFakeLatents, CombineLatents,
-                TrainDiscriminator, ComparisonGrid, LoadDemoModel, DecodeDigits]
+                TrainDiscriminator, ComparisonGrid, LoadDemoModel, DecodeDigits, DiscriminatorGuidanceV1]

@@ -1,7 +1,7 @@
 import torch
 from comfy_api.latest import io, ui
 
-from ..comfy_dg.pictures import side_by_side
+from comfy_dg.pictures import side_by_side
 
 
 class ComparisonGrid(io.ComfyNode):

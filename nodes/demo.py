@@ -2,7 +2,8 @@ import os
 
 from comfy_api.latest import io
 
-from ..comfy_dg.tiny import empty_conditioning, load_tiny_checkpoint
+from comfy_dg import small_models
+from comfy_dg.errors import DGError
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo")
 DEMO_MODEL = os.path.join(DEMO, "models", "digits_model.safetensors")
@@ -30,10 +31,10 @@ class LoadDemoModel(io.ComfyNode):
     @classmethod
     def execute(cls) -> io.NodeOutput:
         if not os.path.isfile(DEMO_MODEL):
-            raise FileNotFoundError(f"comfy-dg: the demo model {DEMO_MODEL} is missing; re-clone the pack or run "
-                                    "`python -m comfy_dg.bench.quality --export-demo` to rebuild it.")
-        model, _ = load_tiny_checkpoint(DEMO_MODEL)
-        return io.NodeOutput(model, *empty_conditioning(model))
+            raise DGError(f"comfy-dg: the demo model {DEMO_MODEL} is missing; re-clone the pack or run "
+                          "`python -m harness.bench.quality --export-demo` to rebuild it.")
+        model, _ = small_models.load(DEMO_MODEL)
+        return io.NodeOutput(model, *small_models.null_conditioning(model))
 
 
 class DecodeDigits(io.ComfyNode):
@@ -54,6 +55,6 @@ class DecodeDigits(io.ComfyNode):
     def execute(cls, samples, scale) -> io.NodeOutput:
         x = samples["samples"].float()
         if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"comfy-dg: Decode Digits takes the demo model's 1-channel latents; got {tuple(x.shape)}")
+            raise DGError(f"comfy-dg: Decode Digits takes the demo model's 1-channel latents; got {tuple(x.shape)}")
         img = ((x.clamp(-1, 1) + 1) / 2).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
         return io.NodeOutput(img.movedim(1, -1).expand(-1, -1, -1, 3).contiguous())

@@ -3,7 +3,8 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..comfy_dg.files import load_discriminator
+from comfy_dg.errors import DGError
+from comfy_dg.files import load_discriminator
 from .types import Discriminator
 
 FOLDER = "discriminators"
@@ -12,11 +13,11 @@ FOLDER = "discriminators"
 def safe_path(name: str) -> str:
     """The full path of a listed discriminator; names that climb out of the folder are refused."""
     if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
-        raise ValueError(f"comfy-dg: discriminator name '{name}' points outside models/{FOLDER}; choose a file "
+        raise DGError(f"comfy-dg: discriminator name '{name}' points outside models/{FOLDER}; choose a file "
                          "from the list.")
     path = folder_paths.get_full_path(FOLDER, name)
     if path is None:
-        raise ValueError(f"comfy-dg: discriminator '{name}' is not in models/{FOLDER} "
+        raise DGError(f"comfy-dg: discriminator '{name}' is not in models/{FOLDER} "
                          f"(folders searched: {folder_paths.get_folder_paths(FOLDER)}). Put the file there and "
                          "press R in the UI to refresh the list.")
     return path

@@ -8,12 +8,15 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..comfy_dg.files import save_discriminator
-from ..comfy_dg.training.conditioning import negative_conditioning
-from ..comfy_dg.training.data import encode_folder, folder_labels, list_images, sample_fakes
-from ..comfy_dg.training.loop import TrainConfig, Trainer
-from ..comfy_dg.training.plot import plot_history
+from comfy_dg.errors import DataError
+from comfy_dg.files import save_discriminator
+from comfy_dg.options import TRAINING, from_widget
+from comfy_dg.training.conditioning import negative_conditioning
+from comfy_dg.training.data import encode_folder, folder_labels, list_images, sample_fakes
+from comfy_dg.training.loop import TrainConfig, Trainer
+from comfy_dg.training.plot import plot_history
 from .load import FOLDER
+from .options import widgets
 from .types import Discriminator
 
 CATEGORY = "model_patches/discriminator_guidance/training"
@@ -141,11 +144,11 @@ class CombineLatents(io.ComfyNode):
     def execute(cls, latents_a, latents_b) -> io.NodeOutput:
         a, b = latents_a["samples"], latents_b["samples"]
         if a.shape[1:] != b.shape[1:]:
-            raise ValueError(f"comfy-dg: cannot combine latents of shapes {tuple(a.shape[1:])} and {tuple(b.shape[1:])}")
+            raise DataError(f"comfy-dg: cannot combine latents of shapes {tuple(a.shape[1:])} and {tuple(b.shape[1:])}")
         out = {"samples": torch.cat([a, b])}
         la, lb = latents_a.get("dg_labels"), latents_b.get("dg_labels")
         if (la is None) != (lb is None):
-            raise ValueError("comfy-dg: one batch has class labels and the other has none; label both or neither")
+            raise DataError("comfy-dg: one batch has class labels and the other has none; label both or neither")
         if la is not None:
             out["dg_labels"] = torch.cat([la, lb])
         return io.NodeOutput(out)
@@ -154,7 +157,7 @@ class CombineLatents(io.ComfyNode):
 def output_path(filename: str) -> str:
     name = filename.strip()
     if not name or "/" in name or "\\" in name or name.startswith(".") or os.path.isabs(name):
-        raise ValueError(f"comfy-dg: '{filename}' is not a plain file name; give a name such as 'my_model_dg' "
+        raise DataError(f"comfy-dg: '{filename}' is not a plain file name; give a name such as 'my_model_dg' "
                          f"(it is saved in models/{FOLDER}).")
     if not name.endswith(".safetensors"):
         name += ".safetensors"
@@ -179,30 +182,17 @@ class TrainDiscriminator(io.ComfyNode):
                 io.Latent.Input("fake_latents", tooltip="From Sample Fake Latents (DG), or KSampler batches."),
                 io.String.Input("filename", default="my_discriminator",
                                 tooltip="Saved as models/discriminators/<filename>.safetensors."),
-                io.Combo.Input("architecture", options=["features", "standalone"], default="features",
-                               tooltip="features: a small head on the model's own frozen UNet features (the paper's "
-                                       "design; recommended). standalone: a small conv net on latents (any model)."),
-                io.Int.Input("steps", default=2000, min=1, max=1_000_000, tooltip="Optimizer steps at most."),
-                io.Int.Input("batch_size", default=64, min=2, max=4096, step=2, tooltip="Half real, half fake."),
-                io.Float.Input("learning_rate", default=3e-4, min=1e-6, max=1e-1, step=1e-5, round=1e-6,
-                               tooltip="Adam's learning rate (the paper's 3e-4)."),
-                io.Float.Input("weight_decay", default=1e-7, min=0.0, max=1.0, step=1e-7, round=1e-8,
-                               tooltip="Adam's weight decay (the paper's 1e-7)."),
-                io.Float.Input("heldout_fraction", default=0.1, min=0.01, max=0.5, step=0.01,
-                               tooltip="Share of real and of fake latents held out for evaluation and early stopping."),
-                io.Int.Input("eval_every", default=100, min=1, max=100000, tooltip="Steps between held-out evaluations."),
-                io.Int.Input("patience", default=5, min=0, max=1000,
-                             tooltip="Stop after this many evaluations without a better held-out BCE (0: never)."),
-                io.Boolean.Input("augment", default=True, tooltip="Random flips and small shifts (kornia), alike "
-                                 "for real and fake."),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
-                             tooltip="Seed of the split, initialisation, batches and noise: same seed, same result."),
+                *widgets(TRAINING, "architecture", "steps", "batch_size", "learning_rate", "weight_decay",
+                         "heldout_fraction", "eval_every", "patience", "augment", "seed"),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="features, UNets (SD1.x/SDXL): the negative prompt you sample with. "
                                               "The head then learns the features under it, and guiding with that "
                                               "same negative needs no extra pass through the UNet (faster). "
                                               "Unconnected: prompt-independent features (an extra pass while "
                                               "guiding)."),
+                # The rest of the training options, set less often.
+                *widgets(TRAINING, "flip", "translate", "width", "sigma_min", "sigma_max", "sigma_bands",
+                         "label_dropout", optional=True),
             ],
             outputs=[Discriminator.Output(tooltip="The trained discriminator (also saved), for Discriminator "
                                                   "Guidance."),
@@ -212,21 +202,17 @@ class TrainDiscriminator(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, real_latents, fake_latents, filename, architecture, steps, batch_size, learning_rate,
-                weight_decay, heldout_fraction, eval_every, patience, augment, seed, negative=None) -> io.NodeOutput:
+    def execute(cls, model, real_latents, fake_latents, filename, negative=None, **options) -> io.NodeOutput:
         path = output_path(filename)
+        config = TrainConfig(**{k: from_widget(TRAINING[k], v) for k, v in options.items()}).validate()
         conditioning = None
-        if negative is not None and architecture == "features":
+        if negative is not None and config.architecture == "features":
             conditioning = negative_conditioning(model, negative, tuple(real_latents["samples"].shape[1:]))
-        config = TrainConfig(architecture=architecture, steps=steps, batch_size=batch_size,
-                             learning_rate=learning_rate, weight_decay=weight_decay,
-                             heldout_fraction=heldout_fraction, eval_every=eval_every, patience=patience,
-                             augment=augment, seed=seed)
         trainer = Trainer(model, real_latents["samples"], fake_latents["samples"], config,
                           real_labels=real_latents.get("dg_labels"), fake_labels=fake_latents.get("dg_labels"),
                           conditioning=conditioning)
-        bar = comfy.utils.ProgressBar(steps)
-        disc = trainer.run(on_step=lambda step, loss, record: bar.update_absolute(step, steps),
+        bar = comfy.utils.ProgressBar(config.steps)
+        disc = trainer.run(on_step=lambda step, loss, record: bar.update_absolute(step, config.steps),
                            should_stop=interrupted)
         save_discriminator(disc, path)
         plot = torch.from_numpy(plot_history(trainer.history)).float().div(255.0)[None]

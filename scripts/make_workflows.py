@@ -14,9 +14,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from comfy_dg.comfy_env import comfyui_path  # noqa: E402
-from comfy_dg.comfy_server import ComfyServer  # noqa: E402
-from comfy_dg.frontend import VIEWPORT, Frontend  # noqa: E402
-from comfy_dg.workflows import BUILD_JS, FOLDER, WORKFLOWS, spec  # noqa: E402
+from harness.comfy_server import ComfyServer  # noqa: E402
+from harness.frontend import VIEWPORT, Frontend  # noqa: E402
+from harness.workflows import BUILD_JS, FOLDER, WORKFLOWS, spec  # noqa: E402
 
 THUMBNAIL = {"width": 800, "height": 600}
 

@@ -17,7 +17,7 @@ def probe_sampler(points, record):
 
 def evaluate(model_patcher, points, cfg=1.0):
     """[(σ, x, denoised)] for points [(σ, x)], x of shape (B, C, H, W), under ComfyUI's inference mode."""
-    from comfy_dg.tiny import empty_conditioning
+    from harness.tiny import empty_conditioning
     guider = comfy.samplers.CFGGuider(model_patcher)
     guider.set_conds(*empty_conditioning(model_patcher))
     guider.set_cfg(cfg)

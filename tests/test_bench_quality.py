@@ -9,7 +9,7 @@ from conftest import COMFYUI, REPO
 
 def test_quality_benchmark_smoke(tmp_path):
     env = dict(os.environ, COMFYUI_PATH=COMFYUI, COMFY_DG_DEVICE="cpu", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "comfy_dg.bench.quality", "--smoke", "--cache", str(tmp_path / "cache"),
+    run = subprocess.run([sys.executable, "-m", "harness.bench.quality", "--smoke", "--cache", str(tmp_path / "cache"),
                           "--out", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The speed/memory benchmark (`python -m comfy_dg.bench.speed`) end to end in its --smoke mode: three
+"""The speed/memory benchmark (`python -m harness.bench.speed`) end to end in its --smoke mode: three
 subprocess runs (unguided, standalone, features from the sampler's own forward, features by a second pass) on the
 small model, a markdown table and a final JSON line."""
 import json
@@ -16,7 +16,7 @@ CONFIGS = ("unguided", "standalone", "features", "features_2pass")
 def test_smoke_prints_table_and_json():
     env = dict(os.environ, COMFYUI_PATH=COMFYUI, COMFY_DG_DEVICE="cpu")
     env.pop("PYTHONPATH", None)
-    p = subprocess.run([sys.executable, "-m", "comfy_dg.bench.speed", "--smoke"], cwd=REPO, env=env,
+    p = subprocess.run([sys.executable, "-m", "harness.bench.speed", "--smoke"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=90)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()

@@ -16,9 +16,9 @@ import urllib.request
 
 import pytest
 
-from comfy_dg.comfy_server import ComfyServer
-from comfy_dg.frontend import CHROMIUM, Frontend, chromium_path, wait_until
-from comfy_dg.workflows import FOLDER, WORKFLOWS, declared_models
+from harness.comfy_server import ComfyServer
+from harness.frontend import CHROMIUM, Frontend, chromium_path, wait_until
+from harness.workflows import FOLDER, WORKFLOWS, declared_models
 from conftest import COMFYUI, REPO
 
 NAMES = [wf.name for wf in WORKFLOWS]

@@ -40,7 +40,7 @@ def run_cli(args, *, module=("-m", "comfy_dg.train"), launcher=(), timeout=300):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from comfy_dg.tiny import save_tiny_checkpoint, tiny_model, tiny_vae
+    from harness.tiny import save_tiny_checkpoint, tiny_model, tiny_vae
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save_tiny_checkpoint(tiny_model("EPS"), tiny_vae(), path)
     return str(path)
@@ -66,7 +66,7 @@ def latents_file(path, latents):
 def latents(tiny_ckpt, digits, tmp_path_factory):
     """(real, fake) latent files, 40 each (4, 8, 8): the digits encoded by the tiny VAE, and the tiny model's
     samples, prepared in-process with data.py as the CLI would."""
-    from comfy_dg.tiny import empty_conditioning, load_tiny_checkpoint
+    from harness.tiny import empty_conditioning, load_tiny_checkpoint
     from comfy_dg.training.data import encode_folder, sample_fakes
     folder = tmp_path_factory.mktemp("latents")
     model, vae = load_tiny_checkpoint(tiny_ckpt)

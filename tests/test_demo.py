@@ -9,7 +9,7 @@ from conftest import COMFYUI, REPO
 
 def test_demo_runs_and_reports(tmp_path):
     env = dict(os.environ, COMFYUI_PATH=COMFYUI, COMFY_DG_DEVICE="cpu")
-    run = subprocess.run([sys.executable, "-m", "comfy_dg.demo", "--batch", "64", "--out", str(tmp_path)],
+    run = subprocess.run([sys.executable, "-m", "harness.demo", "--batch", "64", "--out", str(tmp_path)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert f"comparison image: {tmp_path / 'comparison.png'}" in run.stdout

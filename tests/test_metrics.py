@@ -4,8 +4,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from comfy_dg.bench.metrics import DigitClassifier, evaluate, knn_precision_recall
-from comfy_dg.bench.quality import digits_split
+from harness.bench.metrics import DigitClassifier, evaluate, knn_precision_recall
+from harness.bench.quality import digits_split
 
 
 def frechet(a, b):

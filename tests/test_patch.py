@@ -5,51 +5,14 @@ import pytest
 import torch
 
 import comfy.samplers
-import nodes as comfy_nodes
 from comfy_extras import nodes_custom_sampler as ncs
-from comfy_dg import DiscriminatorInfo, FeatureHeadDiscriminator, IncompatibleDiscriminator, StandaloneDiscriminator
-from comfy_dg import guide
-from comfy_dg.discriminators.taps import UNetMiddle
+from comfy_dg import IncompatibleDiscriminator, OptionError, guide
 from comfy_dg.steps import CANNOT_TELL
-from comfy_dg.tiny import empty_conditioning, tiny_model
+from harness.tiny import empty_conditioning, tiny_model
+from builders import custom_advanced, features, ksampler, standalone
 from probe import evaluate
 
 SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_sde", "uni_pc", "lcm"]
-
-
-def standalone(family="SD15", channels=4, seed=0):
-    torch.manual_seed(seed)
-    with torch.inference_mode(False):
-        return StandaloneDiscriminator(DiscriminatorInfo(channels, family), width=16, levels=2, emb_dim=32)
-
-
-def features(model, seed=0):
-    torch.manual_seed(seed)
-    bm = model.model
-    info = DiscriminatorInfo(bm.latent_format.latent_channels, type(bm.latent_format).__name__)
-    with torch.inference_mode(False):
-        return FeatureHeadDiscriminator(info, feature_channels=UNetMiddle.channels(bm), width=32, emb_dim=32)
-
-
-def ksampler(model, sampler, batch=2, steps=4, cfg=3.0, seed=7):
-    pos, neg = empty_conditioning(model)
-    c = model.model.latent_format.latent_channels
-    latent = {"samples": torch.zeros(batch, c, 8, 8)}
-    with torch.inference_mode():
-        (out,) = comfy_nodes.KSampler().sample(model, seed, steps, cfg, sampler, "normal", pos, neg, latent)
-    return out["samples"]
-
-
-def custom_advanced(model, sampler, batch=2, steps=4, cfg=3.0, seed=7):
-    pos, neg = empty_conditioning(model)
-    latent = {"samples": torch.zeros(batch, 4, 8, 8)}
-    with torch.inference_mode():
-        guider = ncs.CFGGuider.execute(model, pos, neg, cfg)[0]
-        sampler_obj = ncs.KSamplerSelect.execute(sampler)[0]
-        sigmas = ncs.BasicScheduler.execute(model, "normal", steps, 1.0)[0]
-        noise = ncs.RandomNoise.execute(seed)[0]
-        out = ncs.SamplerCustomAdvanced.execute(noise, guider, sampler_obj, sigmas, latent)[0]
-    return out["samples"]
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +148,7 @@ class StepRecorder:
 
 
 @pytest.mark.parametrize("sampler", comfy.samplers.SAMPLER_NAMES)
-def test_first_evaluation_only_skips_exactly_the_intermediate_evaluations(eps_model, sampler, caplog):
+def test_intermediate_weight_zero_skips_exactly_the_intermediate_evaluations(eps_model, sampler, caplog):
     rec = StepRecorder()
 
     class Marker(torch.nn.Module):   # notes which evaluation DG ran in
@@ -193,22 +156,22 @@ def test_first_evaluation_only_skips_exactly_the_intermediate_evaluations(eps_mo
             rec.guided.append(len(rec.evals()))
             return x_in.mean(dim=(1, 2, 3))
 
-    m = guide(eps_model, Marker(), weight=0.5, first_evaluation_only=True)
+    m = guide(eps_model, Marker(), weight=0.5, intermediate_weight=0.0)
     m.set_model_sampler_post_cfg_function(rec.hook)
     pos, neg = empty_conditioning(m)
     sigmas = m.model.model_sampling.sigma(torch.linspace(999, 0, 7)).tolist()[:-1] + [0.0]
     with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="comfy_dg"):
-        comfy.sample_sampler = comfy.samplers.sampler_object(sampler)
+        sampler_obj = comfy.samplers.sampler_object(sampler)
         guider = comfy.samplers.CFGGuider(m)
         guider.set_conds(pos, neg)
         guider.set_cfg(2.0)
-        guider.sample(torch.randn(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), comfy.sample_sampler,
+        guider.sample(torch.randn(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), sampler_obj,
                       torch.tensor(sigmas), callback=rec.callback, disable_pbar=True, seed=1)
     n_evals = len(rec.evals())
     # Ground truth: every sampler calls back right after the first evaluation of each step.
     firsts = [rec.events[k - 1][1] for k, e in enumerate(rec.events) if e[0] == "cb" and k > 0
               and rec.events[k - 1][0] == "eval"]
-    name = comfy.sample_sampler.sampler_function.__name__
+    name = sampler_obj.sampler_function.__name__
     if name in CANNOT_TELL:
         assert rec.guided == list(range(n_evals))
         assert "cannot tell" in caplog.text
@@ -264,11 +227,13 @@ def test_refuses_discriminators_for_other_models(eps_model):
 
 
 @pytest.mark.parametrize("kwargs,match", [({"start_percent": 0.8, "end_percent": 0.2}, "swap"),
-                                          ({"weight": float("nan")}, "finite"),
-                                          ({"schedule": "zigzag"}, "unknown schedule"),
-                                          ({"end_percent": 1.5}, "within 0..1")])
+                                          ({"weight": float("nan")}, "weight must be a finite number"),
+                                          ({"intermediate_weight": -1.0}, r"intermediate_weight is -1.0, outside"),
+                                          ({"schedule": "zigzag"}, "schedule is 'zigzag'; choose one of"),
+                                          ({"end_percent": 1.5}, r"end_percent is 1.5, outside its range 0.0..1.0"),
+                                          ({"class_label": 1.5}, "class_label must be a whole number")])
 def test_bad_options_are_refused(eps_model, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(OptionError, match=match):
         guide(eps_model, standalone(), **kwargs)
 
 

@@ -228,7 +228,7 @@ class WriteAudit:
 
 @pytest.fixture(scope="module")
 def small_training_data():
-    from comfy_dg.tiny import tiny_model
+    from harness.tiny import tiny_model
     import matplotlib.pyplot  # noqa: F401 - its first import sets up its own config folders: not the node's writing
     g = torch.Generator().manual_seed(0)
     return tiny_model("EPS", seed=0), torch.randn(8, 4, 8, 8, generator=g), torch.randn(8, 4, 8, 8, generator=g)

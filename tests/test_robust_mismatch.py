@@ -9,8 +9,8 @@ import torch
 
 import nodes as comfy_nodes
 from comfy_dg import DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator
-from comfy_dg.discriminators.taps import FluxDouble, UNetMiddle
-from comfy_dg.tiny import tiny_flux, tiny_model, tiny_sd3
+from comfy_dg.taps import FluxDouble, UNetMiddle
+from harness.tiny import tiny_flux, tiny_model, tiny_sd3
 from conftest import REPO
 
 

@@ -8,7 +8,7 @@ import torch
 
 import comfy.model_management  # noqa: F401 - ComfyUI set up before the pack's nodes are imported
 from comfy_dg import guide
-from comfy_dg.tiny import tiny_model
+from harness.tiny import tiny_model
 from test_patch import features, ksampler, standalone
 from test_theorem1 import DATA, MODEL, ExactRatio, alpha_of, analytic_model, evaluate as exact_evaluate
 

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 import nodes as comfy_nodes
 from comfy_dg import (DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator, guide, load_discriminator,
                       save_discriminator)
-from comfy_dg.comfy_server import ComfyServer
-from comfy_dg.discriminators.taps import UNetMiddle
-from comfy_dg.tiny import empty_conditioning, tiny_model
+from harness.comfy_server import ComfyServer
+from comfy_dg.taps import UNetMiddle
+from harness.tiny import empty_conditioning, tiny_model
 from conftest import COMFYUI, REPO
 from robust_fuzz import generate
 

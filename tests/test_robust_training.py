@@ -20,7 +20,7 @@ import comfy.model_management
 import folder_paths
 from comfy_dg import load_discriminator, save_discriminator
 from comfy_dg.atomic import remove_stale_temp_files
-from comfy_dg.tiny import empty_conditioning, tiny_model, tiny_vae
+from harness.tiny import empty_conditioning, tiny_model, tiny_vae
 from comfy_dg.training import TrainConfig, Trainer
 from comfy_dg.training.data import encode_folder, read_cache, sample_fakes
 from conftest import COMFYUI, REPO

@@ -8,10 +8,10 @@ from safetensors.torch import load_file
 import nodes as comfy_nodes
 from comfy_dg import DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator, guide
 from comfy_dg import load_discriminator, save_discriminator
-from comfy_dg.discriminators.taps import UNetMiddle
-from comfy_dg.tiny import empty_conditioning, tiny_model
+from comfy_dg.taps import UNetMiddle
+from harness.tiny import empty_conditioning, tiny_model
 from conftest import COMFYUI, REPO
-from comfy_dg.comfy_server import ComfyServer
+from harness.comfy_server import ComfyServer
 from digits import write_digit_folder
 
 
@@ -43,13 +43,20 @@ def server(tmp_path_factory):
 
 
 def graph(disc="standalone.safetensors", weight=2.0, start=0.0, end=1.0, sampler="heun", prefix="dg",
-          model_type="EPS", first=False):
+          model_type="EPS", w2=0.0, legacy_first=None):
+    """The guided graph; with legacy_first (True/False) through the deprecated first Discriminator Guidance node
+    (its first_evaluation_only input), as a workflow saved before intermediate_weight existed."""
+    dg_inputs = {"model": ["1", 0], "discriminator": ["2", 0], "weight": weight, "start_percent": start,
+                 "end_percent": end, "schedule": "constant", "boost": 1.0}
+    if legacy_first is None:
+        dg_node = {"class_type": "DiscriminatorGuidanceV2", "inputs": {**dg_inputs, "intermediate_weight": w2}}
+    else:
+        dg_node = {"class_type": "DiscriminatorGuidance", "inputs": {**dg_inputs,
+                                                                      "first_evaluation_only": legacy_first}}
     return {
         "1": {"class_type": "DGTestTinyModel", "inputs": {"seed": 0, "model_type": model_type, "family": "SD15"}},
         "2": {"class_type": "LoadDiscriminator", "inputs": {"discriminator_name": disc}},
-        "3": {"class_type": "DiscriminatorGuidance",
-              "inputs": {"model": ["1", 0], "discriminator": ["2", 0], "weight": weight, "start_percent": start,
-                         "end_percent": end, "schedule": "constant", "boost": 1.0, "first_evaluation_only": first}},
+        "3": dg_node,
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
         "5": {"class_type": "KSampler",
               "inputs": {"model": ["3", 0], "seed": 11, "steps": 5, "cfg": 3.0, "sampler_name": sampler,
@@ -65,11 +72,11 @@ def saved_latent(server, hist, node="6"):
     return load_file(path)["latent_tensor"]
 
 
-def in_process(disc_path, weight, sampler, first, model_type="EPS"):
+def in_process(disc_path, weight, sampler, w2, model_type="EPS"):
     m = tiny_model(model_type, seed=0)
     pos, neg = empty_conditioning(m)
     with torch.inference_mode():
-        g = guide(m, load_discriminator(disc_path), weight=weight, first_evaluation_only=first)
+        g = guide(m, load_discriminator(disc_path), weight=weight, intermediate_weight=w2)
         (out,) = comfy_nodes.KSampler().sample(g, 11, 5, 3.0, sampler, "normal", pos, neg,
                                                {"samples": torch.zeros(2, 4, 8, 8)})
     return out["samples"]
@@ -77,7 +84,9 @@ def in_process(disc_path, weight, sampler, first, model_type="EPS"):
 
 def test_nodes_are_registered_with_tooltips(server):
     info = server.get("/object_info")
-    load, apply = info["LoadDiscriminator"], info["DiscriminatorGuidance"]
+    load, apply = info["LoadDiscriminator"], info["DiscriminatorGuidanceV2"]
+    assert apply["display_name"] == "Discriminator Guidance"
+    assert info["DiscriminatorGuidance"]["deprecated"] is True      # kept for saved workflows, hidden from search
     spec = load["input"]["required"]["discriminator_name"]
     names = spec[1]["options"] if spec[0] == "COMBO" else spec[0]
     assert {"standalone.safetensors", "sub/features.safetensors", "legacy.pt", "from_yaml.safetensors"} <= set(names)
@@ -87,23 +96,33 @@ def test_nodes_are_registered_with_tooltips(server):
     assert apply["description"] and load["description"]
 
 
-@pytest.mark.parametrize("disc,model_type,sampler,first", [
-    ("standalone.safetensors", "EPS", "heun", True),
-    ("from_yaml.safetensors", "EPS", "euler", False),
-    ("sub/features.safetensors", "EPS", "dpmpp_2m", False),
-    ("standalone.safetensors", "FLOW", "euler_ancestral", False),
+@pytest.mark.parametrize("disc,model_type,sampler,w2", [
+    ("standalone.safetensors", "EPS", "heun", 0.0),
+    ("standalone.safetensors", "EPS", "heun", 0.5),
+    ("from_yaml.safetensors", "EPS", "euler", 0.0),
+    ("sub/features.safetensors", "EPS", "dpmpp_2m", 0.0),
+    ("standalone.safetensors", "FLOW", "euler_ancestral", 0.0),
 ])
-def test_guided_prompt_matches_in_process_run(server, disc, model_type, sampler, first):
-    hist = server.run(graph(disc, sampler=sampler, prefix=f"g_{model_type}_{sampler}", model_type=model_type,
-                            first=first))
+def test_guided_prompt_matches_in_process_run(server, disc, model_type, sampler, w2):
+    hist = server.run(graph(disc, sampler=sampler, prefix=f"g_{model_type}_{sampler}", model_type=model_type, w2=w2))
     assert hist["status"]["status_str"] == "success", hist["status"]
     served = saved_latent(server, hist)
     folder = "shared_models" if disc == "from_yaml.safetensors" else "models"
     path = os.path.join(server.base, folder, "discriminators", disc)
-    torch.testing.assert_close(served, in_process(path, 2.0, sampler, first, model_type), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(served, in_process(path, 2.0, sampler, w2, model_type), rtol=1e-5, atol=1e-5)
     plain = saved_latent(server, server.run(graph(disc, weight=0.0, sampler=sampler, model_type=model_type,
                                                   prefix=f"p_{model_type}_{sampler}")))
     assert not torch.allclose(served, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_workflows_saved_with_the_first_node_keep_their_behaviour(server, first):
+    """first_evaluation_only on: w₂ = 0; off: every evaluation with w, as before intermediate_weight existed."""
+    hist = server.run(graph(sampler="heun", prefix=f"legacy_{first}", legacy_first=first))
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    path = os.path.join(server.base, "models", "discriminators", "standalone.safetensors")
+    expected = in_process(path, 2.0, "heun", 0.0 if first else 2.0)
+    torch.testing.assert_close(saved_latent(server, hist), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_window_is_refused_at_validation(server):
@@ -149,9 +168,9 @@ def training_graph(name, steps=40):
                          "weight_decay": 1e-7, "heldout_fraction": 0.2, "eval_every": 10, "patience": 0,
                          "augment": True, "seed": 0}},
         "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 1]}},
-        "7": {"class_type": "DiscriminatorGuidance",
-              "inputs": {"model": ["1", 0], "discriminator": ["5", 0], "weight": 1.0, "start_percent": 0.0,
-                         "end_percent": 1.0, "schedule": "constant", "boost": 1.0, "first_evaluation_only": False}},
+        "7": {"class_type": "DiscriminatorGuidanceV2",
+              "inputs": {"model": ["1", 0], "discriminator": ["5", 0], "weight": 1.0, "intermediate_weight": 0.0,
+                         "start_percent": 0.0, "end_percent": 1.0, "schedule": "constant", "boost": 1.0}},
         "8": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
         "9": {"class_type": "KSampler",
               "inputs": {"model": ["7", 0], "seed": 1, "steps": 4, "cfg": 3.0, "sampler_name": "euler",

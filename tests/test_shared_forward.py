@@ -1,14 +1,16 @@
 """A features head trained under the negative prompt takes its features from the sampler's own uncond forward
-(comfy_dg.shared_forward): the same guidance as its own second pass, with no second pass."""
+(the UNet tap's fast path, comfy_dg/taps/unet.py): the same guidance as its own second pass, with no second pass."""
 import pytest
 import torch
 
 import nodes as comfy_nodes
 from comfy_dg import DiscriminatorInfo, FeatureHeadDiscriminator, IncompatibleDiscriminator, guide
 from comfy_dg import load_discriminator, save_discriminator
-from comfy_dg.discriminators.taps import UNetMiddle
-from comfy_dg.shared_forward import SharedForward
-from comfy_dg.tiny import empty_conditioning, tiny_model
+from comfy_dg import dg
+from comfy_dg.patch import GuidancePatch
+from comfy_dg.taps import UNetMiddle, unet as unet_tap
+from comfy_dg.tensors import autograd_weights
+from harness.tiny import empty_conditioning, tiny_model
 from comfy_dg.training import TrainConfig, Trainer, TrainingError
 from comfy_dg.training.conditioning import negative_conditioning
 
@@ -59,10 +61,10 @@ def test_shared_forward_gives_the_second_pass_result_without_a_second_pass(famil
                                                                            monkeypatch):
     model = tiny_model("EPS", family=family, dtype=torch.float64)
     pos, neg = prompts(model)
-    guided = guide(model, head_under(model, neg), weight=3.0, first_evaluation_only=first)
+    guided = guide(model, head_under(model, neg), weight=3.0, intermediate_weight=0.0 if first else 3.0)
     shared = sample(guided, pos, neg, sampler)
     assert not second_passes
-    monkeypatch.setattr(SharedForward, "matches", lambda self, uncond: False)
+    monkeypatch.setattr(unet_tap, "matches", lambda uncond, conditioning: False)
     own_pass = sample(guided, pos, neg, sampler)
     assert second_passes
     unguided = sample(model, pos, neg, sampler)
@@ -75,7 +77,7 @@ def test_float32_matches_to_rounding(second_passes, monkeypatch):
     pos, neg = prompts(model)
     guided = guide(model, head_under(model, neg), weight=3.0)
     shared = sample(guided, pos, neg)
-    monkeypatch.setattr(SharedForward, "matches", lambda self, uncond: False)
+    monkeypatch.setattr(unet_tap, "matches", lambda uncond, conditioning: False)
     own_pass = sample(guided, pos, neg)
     assert (own_pass - sample(model, pos, neg)).abs().max() > 1e-2
     torch.testing.assert_close(shared, own_pass, rtol=0, atol=2e-3)
@@ -127,21 +129,43 @@ def test_half_precision_models(dtype, second_passes, monkeypatch):
     """A float32 head on a half-precision network: the shared forward's log r and ∇ₓ log r agree with the head's
     own pass (compared at one evaluation: whole runs in half precision differ by the
     rounding of the split vs the batched CFG forward)."""
-    from comfy_dg.guidance import log_ratio_and_grad
     from probe import evaluate
     model = tiny_model("EPS", dtype=dtype)
     negative = empty_conditioning(model)[1]           # the probe's own negative
     head = head_under(model, negative, dtype=torch.float32)
     taken = []
-    take = SharedForward.take
-    monkeypatch.setattr(SharedForward, "take", lambda self, x, sigma: taken.append(take(self, x, sigma)) or taken[-1])
+    take = GuidancePatch._take_fast_result
+    monkeypatch.setattr(GuidancePatch, "_take_fast_result",
+                        lambda self, x, sigma: taken.append(take(self, x, sigma)) or taken[-1])
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)) * 3.0
     evaluate(guide(model, head, weight=1.0), [(3.0, x)], cfg=3.0)
     assert not second_passes and taken and taken[0] is not None
     logit, grad = taken[0]
     ms = model.model.model_sampling
-    ref_logit, ref_grad = log_ratio_and_grad(head.bind(model.model), ms, x, torch.full((2,), 3.0))
+    autograd_weights(model.model.diffusion_model)
+    with torch.enable_grad():
+        xg, sigma = dg.leaf(x), torch.full((2,), 3.0)
+        ref_logit, ref_grad = dg.log_ratio_and_grad(head.bind(model.model)(ms.calculate_input(sigma, xg), sigma), xg)
     assert second_passes
     assert torch.isfinite(grad).all() and ref_grad.abs().max() > 0
     assert (grad - ref_grad).norm() < 1e-3 * ref_grad.norm(), float((grad - ref_grad).norm() / ref_grad.norm())
     torch.testing.assert_close(logit, ref_logit, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["two heads", "one head twice"])
+def test_chained_guidance_nodes_share_one_forward(case, second_passes, monkeypatch):
+    """Any number of chained Discriminator Guidance patches whose heads were trained under the negative prompt:
+    each gets its own log r and gradient from the one shared uncond forward, equal to the own-pass path."""
+    model = tiny_model("EPS", dtype=torch.float64)
+    pos, neg = prompts(model)
+    first = head_under(model, neg, seed=0)
+    second = first if case == "one head twice" else head_under(model, neg, seed=1)
+    chained = guide(guide(model, first, weight=2.0), second, weight=1.5, intermediate_weight=0.5)
+    shared = sample(chained, pos, neg, "heun")
+    assert not second_passes
+    monkeypatch.setattr(unet_tap, "matches", lambda uncond, conditioning: False)
+    own_pass = sample(chained, pos, neg, "heun")
+    assert second_passes
+    single = sample(guide(model, first, weight=2.0), pos, neg, "heun")
+    assert (own_pass - single).abs().max() > 1e-3, "the second patch changed nothing"
+    torch.testing.assert_close(shared, own_pass, rtol=0, atol=1e-10)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from comfy_dg import guide
-from comfy_dg.guidance import LOGIT_MAX
-from comfy_dg.tiny import tiny_model
+from comfy_dg.dg import LOGIT_MAX
+from harness.tiny import tiny_model
 from gmm import GaussianMixture
 from probe import evaluate as probe_evaluate
 

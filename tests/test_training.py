@@ -13,7 +13,7 @@ from comfy_dg import guide, load_discriminator, save_discriminator
 from comfy_dg.training import TrainConfig, Trainer, TrainingError
 from comfy_dg.training.data import DataError, encode_folder, folder_labels, list_images, read_cache, sample_fakes
 from comfy_dg.training.plot import plot_history
-from comfy_dg.tiny import empty_conditioning, tiny_model, tiny_vae
+from harness.tiny import empty_conditioning, tiny_model, tiny_vae
 from conftest import REPO
 from digits import write_digit_folder
 

@@ -1,10 +1,10 @@
 """The discriminator architectures, and the registry that maps a file's metadata to a class."""
-from .base import Discriminator, DiscriminatorInfo, IncompatibleDiscriminator, model_family, model_latent_channels
+from .base import Discriminator, DiscriminatorInfo
 from .features import FeatureHeadDiscriminator
 from .standalone import StandaloneDiscriminator
 
-__all__ = ["Discriminator", "DiscriminatorInfo", "IncompatibleDiscriminator", "FeatureHeadDiscriminator",
-           "StandaloneDiscriminator", "ARCHITECTURES", "build", "model_family", "model_latent_channels"]
+__all__ = ["Discriminator", "DiscriminatorInfo", "FeatureHeadDiscriminator", "StandaloneDiscriminator",
+           "ARCHITECTURES", "build"]
 
 ARCHITECTURES = {cls.architecture: cls for cls in (StandaloneDiscriminator, FeatureHeadDiscriminator)}
 

@@ -5,17 +5,15 @@ from dataclasses import dataclass, field, asdict
 import torch
 from torch import nn
 
+from .. import identity
+from ..errors import IncompatibleDiscriminator
 from .layers import SigmaMLP
-
-
-class IncompatibleDiscriminator(ValueError):
-    """The discriminator was trained for another kind of model than the one it is applied to."""
 
 
 @dataclass
 class DiscriminatorInfo:
     latent_channels: int
-    model_family: str = ""          # ComfyUI latent format the discriminator was trained on ("SD15", "SDXL", "Flux", ...)
+    model_family: str = ""          # identity.family of the model trained for ("SD15", "SDXL", "Flux", ...)
     sigma_min: float = 0.0          # σ range seen in training
     sigma_max: float = float("inf")
     training: dict = field(default_factory=dict)   # provenance: real/fake counts, steps, held-out accuracy, ...
@@ -40,15 +38,6 @@ class DiscriminatorInfo:
                 and isinstance(info.training, dict) and type(info.num_classes) is int and info.num_classes >= 0):
             raise TypeError("info fields have the wrong types or an empty σ range")
         return info
-
-
-def model_family(base_model) -> str:
-    """The name ComfyUI gives the model's latent format (SD15, SDXL, SD3, Flux, ...)."""
-    return type(base_model.latent_format).__name__
-
-
-def model_latent_channels(base_model) -> int:
-    return int(base_model.latent_format.latent_channels)
 
 
 class Discriminator(nn.Module):
@@ -80,8 +69,8 @@ class Discriminator(nn.Module):
         return emb
 
     def check_compatible(self, base_model):
-        channels = model_latent_channels(base_model)
-        family = model_family(base_model)
+        channels = identity.latent_channels(base_model)
+        family = identity.family(base_model)
         if channels != self.info.latent_channels:
             raise IncompatibleDiscriminator(
                 f"comfy-dg: this discriminator was trained on {self.info.latent_channels}-channel latents "

@@ -7,26 +7,31 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .base import Discriminator, DiscriminatorInfo, IncompatibleDiscriminator
+from .. import identity
+from ..errors import IncompatibleDiscriminator, OptionError
+from ..taps import TAPS, find_tap
+from .base import Discriminator, DiscriminatorInfo
 from .layers import AttentionPool, ResBlock, group_norm
-from .taps import TAPS, find_tap
-from ..tensors import frozen
 
 
 class FeatureHeadDiscriminator(Discriminator):
     architecture = "features"
 
     def __init__(self, info: DiscriminatorInfo, tap: str = "unet_middle", feature_channels: int = 1280,
-                 diffusion_model: str = "UNetModel", width: int = 128, emb_dim: int = 128,
-                 context_tokens: int = 0, context_dim: int = 0, y_dim: int = 0):
+                 width: int = 128, emb_dim: int = 128, context_tokens: int = 0, context_dim: int = 0, y_dim: int = 0,
+                 diffusion_model: str | None = None):
         super().__init__(info)
         if tap not in TAPS:
-            raise ValueError(f"comfy-dg: unknown feature tap {tap!r}; known: {', '.join(TAPS)}")
+            raise OptionError(f"comfy-dg: unknown feature tap {tap!r}; known: {', '.join(TAPS)}")
+        self.tap_class = TAPS[tap]
+        # Format-1 files also named the network by ComfyUI's class name: it must be the tap's own.
+        if diffusion_model is not None and identity.LEGACY_NETWORKS.get(diffusion_model) != self.tap_class.network:
+            raise OptionError(f"comfy-dg: the '{tap}' tap does not read a {diffusion_model}")
         if min(context_tokens, context_dim, y_dim) < 0 or (context_tokens > 0) != (context_dim > 0) \
-                or (y_dim and not context_tokens) or (context_tokens and tap != "unet_middle"):
-            raise ValueError("comfy-dg: a features head's conditioning (context_tokens, context_dim, y_dim) must be "
-                             "all zero or a UNet's context shape")
-        self.tap, self.feature_channels, self.diffusion_model = tap, feature_channels, diffusion_model
+                or (y_dim and not context_tokens) or (context_tokens and self.tap_class.install_fast_path is None):
+            raise OptionError("comfy-dg: a features head's conditioning (context_tokens, context_dim, y_dim) must be "
+                             f"all zero or the context shape of a network whose tap ('{tap}') takes a prompt")
+        self.tap, self.feature_channels = tap, feature_channels
         self.width, self.emb_dim = width, emb_dim
         # The conditioning the features were trained under (the user's negative prompt, as the network gets it);
         # none: the prompt-independent all-zero token.
@@ -44,8 +49,8 @@ class FeatureHeadDiscriminator(Discriminator):
         self.out = nn.Linear(width, 1)
 
     def config(self):
-        config = {"tap": self.tap, "feature_channels": self.feature_channels,
-                  "diffusion_model": self.diffusion_model, "width": self.width, "emb_dim": self.emb_dim}
+        config = {"tap": self.tap, "feature_channels": self.feature_channels, "width": self.width,
+                  "emb_dim": self.emb_dim}
         if self.context_tokens:
             config.update(context_tokens=self.context_tokens, context_dim=self.context_dim, y_dim=self.y_dim)
         return config
@@ -74,21 +79,19 @@ class FeatureHeadDiscriminator(Discriminator):
         super().check_compatible(base_model)
         dm = base_model.diffusion_model
         tap = find_tap(dm)
-        kind = type(dm).__name__
-        if tap is None or tap.name != self.tap or kind != self.diffusion_model:
+        if tap is not self.tap_class:
             raise IncompatibleDiscriminator(
-                f"comfy-dg: this features discriminator reads the '{self.tap}' features of a {self.diffusion_model}, "
-                f"but the model's network is a {kind}. Use a discriminator trained on this model's own features "
-                "(or a standalone one).")
+                f"comfy-dg: this features discriminator reads the '{self.tap}' features of a "
+                f"{self.tap_class.network} network, but the model's network is a {identity.network(dm)}. Use a "
+                "discriminator trained on this model's own features (or a standalone one).")
         channels = tap.channels(base_model)
         if channels != self.feature_channels:
             raise IncompatibleDiscriminator(
                 f"comfy-dg: this features discriminator expects {self.feature_channels} feature channels from the "
-                f"{self.diffusion_model}'s '{self.tap}', but this model gives {channels}: it was trained for a "
-                "different model. Train one for this checkpoint.")
+                f"'{self.tap}' tap, but this model gives {channels}: it was trained for a different model. Train "
+                "one for this checkpoint.")
         if self.context_tokens:
-            unet = base_model.model_config.unet_config
-            want = (int(unet.get("context_dim") or 0), int(unet.get("adm_in_channels") or 0))
+            want = tap.prompt_dims(base_model)
             if (self.context_dim, self.y_dim) != want:
                 raise IncompatibleDiscriminator(
                     f"comfy-dg: this features discriminator was trained under a prompt of width {self.context_dim} "
@@ -96,12 +99,10 @@ class FeatureHeadDiscriminator(Discriminator):
                     "it was trained for a different model. Train one for this checkpoint.")
 
     def bind(self, base_model, labels=None):
-        tap = TAPS[self.tap]
-
+        """logit(x_in, σ) through the model's own network (whose weights the caller has made usable by autograd:
+        patch.GuidancePatch.ready)."""
         def logit(x_in, sigma):
-            with frozen(base_model.diffusion_model):
-                features = tap.features(base_model, x_in, sigma, self.conditioning)
-            return self.head(features, sigma, labels)
+            return self.head(self.tap_class.features(base_model, x_in, sigma, self.conditioning), sigma, labels)
         return logit
 
     def forward(self, features, sigma, labels=None):

@@ -1,4 +1,5 @@
 """Training a discriminator for the user's own model: data, the loop, the CLI (`python -m comfy_dg.train`)."""
-from .loop import TrainConfig, Trainer, TrainingError
+from ..errors import TrainingError
+from .loop import TrainConfig, Trainer
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError"]

@@ -29,10 +29,13 @@ import time
 
 import torch
 
+from ..errors import DGError
+from ..options import TRAINING, from_widget
+
 STATE_FORMAT = "1"
 
 
-class CLIError(ValueError):
+class CLIError(DGError):
     pass
 
 
@@ -80,35 +83,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", default="normal")
     g.add_argument("--sample-steps", type=int, default=20)
     g.add_argument("--cfg", type=float, default=7.0)
-    g.add_argument("--seed", type=int, default=0, help="seed of the fakes and of training")
 
-    g = p.add_argument_group("training")
-    g.add_argument("--architecture", choices=["features", "standalone"], default="features",
-                   help="features: a head on the model's frozen UNet features (UNet models); standalone: a small "
-                        "conv net on latents (any model)")
-    g.add_argument("--steps", type=int, default=2000, help="optimizer steps at most")
-    g.add_argument("--batch-size", type=int, default=64, help="global batch, half real and half fake")
-    g.add_argument("--lr", type=float, default=3e-4, help="learning rate")
-    g.add_argument("--weight-decay", type=float, default=1e-7)
-    g.add_argument("--heldout-fraction", type=float, default=0.1)
-    g.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations (and saved "
-                                                                "training states)")
-    g.add_argument("--patience", type=int, default=5, help="evaluations without a better held-out BCE before "
-                                                            "stopping (0: never)")
-    g.add_argument("--no-augment", action="store_true", help="no random flips and shifts")
-    g.add_argument("--width", type=int, default=None, help="network width (default: the architecture's own)")
-    g.add_argument("--sigma-bands", type=int, default=4, help="σ bands of the held-out report")
-    g.add_argument("--sigma-min", type=float, default=None, help="lowest σ trained (default: the model's)")
-    g.add_argument("--sigma-max", type=float, default=None, help="highest σ trained (default: the model's)")
+    add_options(p.add_argument_group("training"), TRAINING)
     return p
+
+
+def add_options(group, table):
+    """One flag per option of the table, with its default, range and help."""
+    for o in table.values():
+        if not o.cli:
+            continue
+        flag = o.flag or "--" + o.name.replace("_", "-")
+        if o.kind is bool:
+            group.add_argument(flag, dest=o.name, action=argparse.BooleanOptionalAction, default=o.default,
+                               help=o.help)
+            continue
+        default = o.none_is if o.default is None else o.default
+        extra = {"choices": o.choices} if o.choices else {}
+        span = f" [{o.min:g}..{o.max:g}]" if o.min is not None else ""
+        group.add_argument(flag, dest=o.name, type=o.kind, default=default, help=o.help + span, **extra)
 
 
 def train_config(a):
     from .loop import TrainConfig
-    return TrainConfig(architecture=a.architecture, steps=a.steps, batch_size=a.batch_size, learning_rate=a.lr,
-                       weight_decay=a.weight_decay, heldout_fraction=a.heldout_fraction, eval_every=a.eval_every,
-                       patience=a.patience, augment=not a.no_augment, seed=a.seed, sigma_bands=a.sigma_bands,
-                       sigma_min=a.sigma_min, sigma_max=a.sigma_max, width=a.width)
+    return TrainConfig(**{o.name: from_widget(o, getattr(a, o.name)) for o in TRAINING.values() if o.cli})
 
 
 def out_stem(out: str) -> str:
@@ -229,10 +227,10 @@ def unpack(blob: bytes):
 
 # --- model and data ------------------------------------------------------------------------------------
 def load_model(path):
-    """(model, clip or None, vae, tiny)."""
-    from ..tiny import is_tiny_checkpoint, load_tiny_checkpoint
-    if is_tiny_checkpoint(path):
-        model, vae = load_tiny_checkpoint(path)
+    """(model, clip or None, vae, small): a ComfyUI checkpoint, or a small model (comfy_dg.small_models)."""
+    from .. import small_models
+    if small_models.is_small_model(path):
+        model, vae = small_models.load(path)
         return model, None, vae, True
     import comfy.sd
     try:
@@ -291,14 +289,14 @@ def say(*parts):
     sys.stdout.flush()
 
 
-def under_negative(a, model, clip, tiny, latent_shape):
+def under_negative(a, model, clip, small, latent_shape):
     """--under-negative: the (context, y) the network gets for --negative, or None."""
     if not a.under_negative:
         return None
     from .conditioning import negative_conditioning
-    if tiny:
-        from ..tiny import empty_conditioning
-        negative = empty_conditioning(model)[1]      # tiny models have no text encoder: their fakes' negative
+    if small:
+        from ..small_models import null_conditioning
+        negative = null_conditioning(model)[1]      # small models have no text encoder: their fakes' negative
     elif clip is None:
         raise CLIError(f"comfy-dg: '{a.checkpoint}' has no text encoder to encode --negative for --under-negative")
     else:
@@ -306,7 +304,7 @@ def under_negative(a, model, clip, tiny, latent_shape):
     return negative_conditioning(model, negative, latent_shape)
 
 
-def prepare_data(a, model, clip, vae, tiny, cache):
+def prepare_data(a, model, clip, vae, small, cache):
     """(real, fake, provenance) on rank 0: encoded or read, sampled or read; caches in `cache`."""
     from .data import encode_folder, list_images, sample_fakes
     provenance = {}
@@ -344,9 +342,9 @@ def prepare_data(a, model, clip, vae, tiny, cache):
     count = a.fakes or len(real)
     if count < 2:
         raise CLIError("comfy-dg: need at least 2 fakes (and so at least 2 real images)")
-    if tiny:
-        from ..tiny import empty_conditioning
-        positive, negative = empty_conditioning(model)      # tiny models have no text encoder: prompts unused
+    if small:
+        from ..small_models import null_conditioning
+        positive, negative = null_conditioning(model)      # small models have no text encoder: prompts unused
     else:
         if clip is None:
             raise CLIError(f"comfy-dg: '{a.checkpoint}' has no text encoder to encode the prompts for the fakes; "
@@ -364,20 +362,20 @@ def prepare_data(a, model, clip, vae, tiny, cache):
         f"{'' if bars.used else ' (from the cache)'}")
     provenance["fake"] = {"sampled": count, "sampler": a.sampler, "scheduler": a.scheduler,
                           "steps": a.sample_steps, "cfg": a.cfg, "seed": a.seed,
-                          **({} if tiny else {"prompt": a.prompt, "negative": a.negative})}
+                          **({} if small else {"prompt": a.prompt, "negative": a.negative})}
     return real, fake, provenance
 
 
-def shared_data(procs, a, model, clip, vae, tiny, cache):
+def shared_data(procs, a, model, clip, vae, small, cache):
     """Rank 0 prepares the data; every rank gets the same tensors (or rank 0's failure)."""
     if procs.world == 1:
         with torch.inference_mode():
-            return prepare_data(a, model, clip, vae, tiny, cache)
+            return prepare_data(a, model, clip, vae, small, cache)
     blob = None
     if procs.main:
         try:
             with torch.inference_mode():
-                real, fake, provenance = prepare_data(a, model, clip, vae, tiny, cache)
+                real, fake, provenance = prepare_data(a, model, clip, vae, small, cache)
             blob = pack({"real": real, "fake": fake}, {"comfy_dg.provenance": json.dumps(provenance)})
         except BaseException as e:
             procs.share(pack({}, {"comfy_dg.error": str(e) or type(e).__name__}))
@@ -401,7 +399,6 @@ def write_state(path, trainer, identity):
 
 def resume(procs, a, trainer, identity, path):
     """Load the saved state into `trainer` when there is one for this very run; returns its step or None."""
-    from .loop import TrainingError
     blob = None
     if procs.main:
         if a.restart and os.path.exists(path):
@@ -418,7 +415,7 @@ def resume(procs, a, trainer, identity, path):
     try:
         tensors, meta = unpack(blob)
         if meta.get("comfy_dg.train_state") != STATE_FORMAT:
-            raise ValueError(f"format {meta.get('comfy_dg.train_state')!r}, expected {STATE_FORMAT!r}")
+            raise CLIError(f"format {meta.get('comfy_dg.train_state')!r}, expected {STATE_FORMAT!r}")
         saved = json.loads(meta["comfy_dg.run"])
         facts = json.loads(meta["comfy_dg.facts"])
     except Exception as e:
@@ -434,7 +431,7 @@ def resume(procs, a, trainer, identity, path):
                        f"Run with the same settings to resume it, or pass --restart to discard it.")
     try:
         trainer.load_state(tensors, facts)
-    except TrainingError:
+    except DGError:
         raise
     except Exception as e:      # tensors that do not fit this discriminator: a damaged or hand-edited file
         raise CLIError(f"comfy-dg: cannot resume from '{path}' ({type(e).__name__}: {e}). {fix}") from None
@@ -474,11 +471,11 @@ def train(a, procs, run):
     if a.cache is None:
         a.cache = out_stem(a.out) + ".cache"
     run.state_path = path = state_path(a.out)
-    model, clip, vae, tiny = load_model(a.checkpoint)
-    real, fake, provenance = shared_data(procs, a, model, clip, vae, tiny, a.cache)
+    model, clip, vae, small = load_model(a.checkpoint)
+    real, fake, provenance = shared_data(procs, a, model, clip, vae, small, a.cache)
     config = train_config(a)
     trainer = Trainer(model, real, fake, config, rank=procs.rank, world_size=procs.world,
-                      conditioning=under_negative(a, model, clip, tiny, tuple(real.shape[1:])))
+                      conditioning=under_negative(a, model, clip, small, tuple(real.shape[1:])))
     identity = {"config": dataclasses.asdict(config), "data": _digest(real, fake),
                 "model": model_fingerprint(model), "under_negative": a.negative if a.under_negative else None}
     run.saved_step = resume(procs, a, trainer, identity, path)
@@ -527,8 +524,6 @@ def train(a, procs, run):
 def main(argv=None) -> int:
     from ..comfy_env import ensure_comfyui
     ensure_comfyui()
-    from .data import DataError
-    from .loop import TrainingError
     a = build_parser().parse_args(argv)
     procs, run = Processes(), Run()
     threads = torch.get_num_threads()
@@ -539,7 +534,7 @@ def main(argv=None) -> int:
         procs.start(a.dist_timeout)
         train(a, procs, run)
         return 0
-    except (CLIError, DataError, TrainingError) as e:
+    except DGError as e:
         if procs.main or not isinstance(e, PeerFailed):
             prefix = f"[rank {procs.rank}] " if procs.world > 1 else ""
             print(f"{prefix}{e}", file=sys.stderr)

@@ -1,7 +1,8 @@
-"""The conditioning a features head is trained under: a negative prompt as the UNet's forward receives it."""
+"""The conditioning a features head is trained under: a negative prompt as the network's forward receives it."""
 import torch
 
-from .loop import TrainingError
+from ..errors import TrainingError
+from ..taps import find_tap
 
 # What ComfyUI's samplers turn a CONDITIONING entry into, besides the prompt: these change the forward itself.
 _UNSUPPORTED = ("area", "mask", "control", "hooks", "gligen", "start_percent", "end_percent")
@@ -21,10 +22,11 @@ def negative_conditioning(model_patcher, conditioning, latent_shape):
         raise TrainingError("comfy-dg: the negative prompt to train under carries an area, mask, ControlNet, hooks "
                             "or timestep range; connect the plain CLIP Text Encode output instead.")
     base_model = model_patcher.model
-    if type(base_model.diffusion_model).__name__ != "UNetModel":
-        raise TrainingError(f"comfy-dg: training under a negative prompt is for UNet models (SD1.x, SD2, SDXL); "
-                            f"this model's network is a {type(base_model.diffusion_model).__name__}. Leave "
-                            "'negative' unconnected to train on prompt-independent features.")
+    tap = find_tap(base_model.diffusion_model)
+    if tap is None or tap.prompt_dims(base_model) is None:
+        raise TrainingError("comfy-dg: training under a negative prompt is for UNet models (SD1.x, SD2, SDXL), "
+                            "whose features can be taken from the sampler's own forward pass; leave 'negative' "
+                            "unconnected to train on prompt-independent features.")
     with torch.inference_mode(False):
         noise = torch.zeros(1, *latent_shape)
         conds = comfy.samplers.encode_model_conds(base_model.extra_conds, comfy.sampler_helpers.convert_cond(conditioning),

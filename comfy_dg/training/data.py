@@ -12,14 +12,11 @@ from PIL import Image, UnidentifiedImageError
 from safetensors import safe_open
 
 from ..atomic import save_safetensors
+from ..errors import DataError
 
 log = logging.getLogger("comfy_dg")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CACHE_KEY = "comfy_dg.cache"
-
-
-class DataError(ValueError):
-    pass
 
 
 def list_images(folder: str) -> list[str]:

@@ -10,50 +10,28 @@ uninterrupted one, and every rank of a distributed run draws the same global bat
 import copy
 import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..discriminators import (DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator,
-                              model_family, model_latent_channels)
-from ..discriminators.taps import find_tap
+from .. import identity
+from ..discriminators import DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator
+from ..errors import TrainingError
+from ..options import TRAINING, check
+from ..taps import find_tap
 from . import noise
 from .augment import LatentAugment
 
 
-class TrainingError(ValueError):
-    pass
+def _validate(config):
+    check(TRAINING, dataclasses.asdict(config))
+    return config
 
 
-@dataclass
-class TrainConfig:
-    architecture: str = "features"      # "features" (head on the model's own frozen features) or "standalone"
-    steps: int = 2000
-    batch_size: int = 64                 # global batch: half real, half fake
-    learning_rate: float = 3e-4
-    weight_decay: float = 1e-7
-    heldout_fraction: float = 0.1
-    eval_every: int = 100
-    patience: int = 5                    # evaluations without held-out improvement before stopping; 0 = never
-    augment: bool = True
-    flip: bool = True                    # augmentation: random horizontal flips (off for data that has a handedness)
-    translate: float = 0.0625            # augmentation: random shifts, as a fraction of the size
-    seed: int = 0
-    sigma_bands: int = 4
-    sigma_min: float | None = None       # σ range trained (default: the model's whole schedule)
-    sigma_max: float | None = None
-    width: int | None = None             # network width (default: the architecture's own)
-    label_dropout: float = 0.1           # class-conditional only: share of batches' labels replaced by "no label"
-
-    def validate(self):
-        if self.architecture not in ("features", "standalone"):
-            raise TrainingError(f"comfy-dg: unknown architecture {self.architecture!r} (features or standalone)")
-        if self.steps < 1 or self.batch_size < 2 or self.eval_every < 1 or self.sigma_bands < 1:
-            raise TrainingError("comfy-dg: steps, eval_every and sigma_bands must be ≥ 1 and batch_size ≥ 2")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise TrainingError(f"comfy-dg: heldout_fraction must be between 0 and 1, got {self.heldout_fraction}")
-        return self
+# The training settings: one field per option of options.TRAINING, with its default.
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig", [(o.name, o.kind if o.default is not None else o.kind | None, dataclasses.field(default=o.default))
+                    for o in TRAINING.values()], namespace={"validate": _validate, "__module__": __name__})
 
 
 def _seed(seed, step, salt):
@@ -114,7 +92,7 @@ class Trainer:
             raise TrainingError("comfy-dg: a negative prompt to train under is for the features architecture; "
                                 "leave it unconnected for a standalone discriminator.")
         self.rank, self.world = rank, world_size
-        channels = model_latent_channels(self.model)
+        channels = identity.latent_channels(self.model)
         _check_latents("real", real, channels)
         _check_latents("fake", fake, channels)
         if real.shape[1:] != fake.shape[1:]:
@@ -166,7 +144,7 @@ class Trainer:
     def _build(self):
         c = self.config
         sig_lo, sig_hi = float(self.ms.sigma(torch.tensor(self.t_range[0]))), float(self.ms.sigma(torch.tensor(self.t_range[1])))
-        info = DiscriminatorInfo(model_latent_channels(self.model), model_family(self.model), sig_lo, sig_hi,
+        info = DiscriminatorInfo(identity.latent_channels(self.model), identity.family(self.model), sig_lo, sig_hi,
                                  num_classes=self.num_classes)
         kwargs = {} if c.width is None else {"width": c.width}
         with torch.inference_mode(False):
@@ -177,15 +155,14 @@ class Trainer:
             if tap is None:
                 raise TrainingError(
                     f"comfy-dg: the features architecture has no feature tap for a "
-                    f"{type(self.model.diffusion_model).__name__} yet (it has taps for UNets — SD1.x, SD2, SDXL — "
+                    f"{identity.network(self.model.diffusion_model)} network yet (it has taps for UNets — SD1.x, SD2, SDXL — "
                     "Flux and SD3); train a standalone discriminator for this model.")
             if self.conditioning is not None:
                 context, y = self.conditioning
                 kwargs.update(context_tokens=context.shape[0], context_dim=context.shape[1],
                               y_dim=0 if y is None else y.numel())
             try:
-                disc = FeatureHeadDiscriminator(info, tap=tap.name, feature_channels=tap.channels(self.model),
-                                                diffusion_model=type(self.model.diffusion_model).__name__, **kwargs)
+                disc = FeatureHeadDiscriminator(info, tap=tap.name, feature_channels=tap.channels(self.model), **kwargs)
             except ValueError as e:
                 raise TrainingError(str(e)) from None
             if self.conditioning is not None:

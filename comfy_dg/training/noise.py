@@ -1,12 +1,14 @@
 """Noising latents the way the model itself does: σ from the model's own schedule, x = noise_scaling(σ, ε, x0)."""
 import torch
 
+from ..errors import TrainingError
+
 
 def timestep_range(model_sampling, sigma_min=None, sigma_max=None):
     lo = float(model_sampling.sigma_min if sigma_min is None else max(sigma_min, float(model_sampling.sigma_min)))
     hi = float(model_sampling.sigma_max if sigma_max is None else min(sigma_max, float(model_sampling.sigma_max)))
     if not lo < hi:
-        raise ValueError(f"comfy-dg: empty σ range for training ({lo} .. {hi})")
+        raise TrainingError(f"comfy-dg: empty σ range for training ({lo} .. {hi})")
     t = model_sampling.timestep(torch.tensor([lo, hi], dtype=torch.float32))
     return float(t[0]), float(t[1])
 

@@ -7,7 +7,7 @@ REPO = os.environ["COMFY_DG_REPO"]
 if REPO not in sys.path:
     sys.path.append(REPO)
 
-from comfy_dg.tiny import MODEL_TYPES, empty_conditioning, tiny_model, tiny_vae  # noqa: E402
+from harness.tiny import MODEL_TYPES, empty_conditioning, tiny_model, tiny_vae  # noqa: E402
 
 
 class DGTestTinyModel:

@@ -8,7 +8,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 
-from .comfy_env import REPO
+from . import REPO
 
 FOLDER = os.path.join(REPO, "workflows")
 GUIDE = "https://github.com/comfy-dg/comfy-dg#train-a-discriminator-for-your-model"

@@ -6,7 +6,7 @@ import torch
 def train_diffusion(model_patcher, latents, steps=500, batch_size=64, lr=2e-3, seed=0, log_every=0):
     """ε-prediction loss ‖(D(x_σ, σ) − x0)/σ‖² with σ from the model's own schedule, through the model's
     own apply_model (so calculate_input / calculate_denoised are ComfyUI's). Trains in place; returns losses."""
-    from comfy_dg.tiny import empty_conditioning
+    from harness.tiny import empty_conditioning
     from comfy_dg.training.noise import sample_sigmas, timestep_range
 
     base = model_patcher.model

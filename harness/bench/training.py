@@ -1,6 +1,6 @@
 """Discriminator training on the small model: held-out accuracy per σ band and wall time, both architectures.
 
-    python -m comfy_dg.bench.training [--images 1000] [--model-steps 800] [--steps 600]
+    python -m harness.bench.training [--images 1000] [--model-steps 800] [--steps 600]
 
 A tiny ComfyUI model (SD1.5 UNet architecture, 1M params) and a tiny VAE; the model is trained on the digits'
 latents so its samples are plausible but imperfect; fakes are its samples (euler, 20 steps); each architecture
@@ -17,9 +17,9 @@ import torch
 def main(argv=None):
     from comfy_dg.comfy_env import ensure_comfyui
     ensure_comfyui()
-    from comfy_dg.bench.digits import write_digit_folder
-    from comfy_dg.tiny import empty_conditioning, tiny_model, tiny_vae
-    from comfy_dg.tiny_train import train_diffusion
+    from harness.digits import write_digit_folder
+    from harness.tiny import empty_conditioning, tiny_model, tiny_vae
+    from harness.tiny_train import train_diffusion
     from comfy_dg.training import TrainConfig, Trainer
     from comfy_dg.training.data import encode_folder, sample_fakes
 

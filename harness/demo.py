@@ -1,4 +1,4 @@
-"""The embedded demo: `python -m comfy_dg.demo` (the README's main command runs it after set-up).
+"""The embedded demo: `python -m harness.demo` (the README's main command runs it after set-up).
 
 Starts a real ComfyUI headless with this pack, queues the demo workflow — the pack's small digits model sampled
 with and without Discriminator Guidance, same seeds — and writes the comparison image and the sample-quality
@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import time
 
-from .comfy_env import REPO
+from . import REPO
 
 DEMO = os.path.join(REPO, "demo")
 MODEL_FILE = os.path.join(DEMO, "models", "digits_model.safetensors")
@@ -51,7 +51,7 @@ def demo_prompt(batch=512, seed=0, weight=1.0, end_percent=1.0, sampler="heun", 
 
 
 def main(argv=None):
-    from .comfy_env import comfyui_path
+    from comfy_dg.comfy_env import comfyui_path
     from .comfy_server import ComfyServer
     from safetensors.torch import load_file
 
@@ -62,7 +62,7 @@ def main(argv=None):
     for f in (MODEL_FILE, DISC_FILE):
         if not os.path.isfile(f):
             raise SystemExit(f"comfy-dg: the demo file {f} is missing; rebuild it with "
-                             "`.venv/bin/python -m comfy_dg.bench.quality --export-demo`.")
+                             "`.venv/bin/python -m harness.bench.quality --export-demo`.")
     os.makedirs(a.out, exist_ok=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="comfy-dg-demo-") as base:

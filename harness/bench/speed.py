@@ -1,10 +1,10 @@
 """Sampling speed and peak memory of discriminator guidance: guided vs unguided, both discriminator architectures.
 
-    python -m comfy_dg.bench.speed [--model sd15|tiny] [--latent 64] [--batch 1] [--cfg 7] [--steps 2]
+    python -m harness.bench.speed [--model sd15|tiny] [--latent 64] [--batch 1] [--cfg 7] [--steps 2]
                                    [--sampler euler] [--repeats N] [--threads N] [--smoke]
 
 Each configuration (unguided, standalone, features) runs in its own subprocess
-(`python -m comfy_dg.bench.speed --child JSON`), which builds the model, samples once to warm up, then
+(`python -m harness.bench.speed --child JSON`), which builds the model, samples once to warm up, then
 --repeats times, and prints one JSON line: the median wall time and the process's peak memory (CPU: peak RSS,
 from getrusage; CUDA: torch.cuda.max_memory_allocated). The parent collects them and prints a markdown table,
 the issue's targets next to the measured values, and a final JSON line.
@@ -13,7 +13,7 @@ Models, both real ComfyUI (comfy.model_base.BaseModel, ComfyUI's UNetModel), ran
 reproducibly (timing does not depend on the weights' values):
   sd15  the SD1.5 UNet at full size (860M params; comfy.supported_models.SD15 with the unet config that
         comfy.model_detection gives an SD1.5 checkpoint); fp32 on the CPU, fp16 on CUDA (--dtype auto).
-  tiny  the small model of comfy_dg.tiny (SD1.5 architecture at a tiny size).
+  tiny  the small model of harness.tiny (SD1.5 architecture at a tiny size).
 Sampling: the real KSampler node under torch.inference_mode(), same seed, sampler, steps and latents for all
 configurations; positive/negative conditioning are random context tensors (1, 77, context_dim). The
 discriminators (default sizes), each guiding at weight 1 over the whole σ range, every model evaluation:
@@ -41,7 +41,7 @@ import torch
 CONFIGS = ("unguided", "standalone", "features", "features_2pass")
 # The issue's targets (64×64 latents, with CFG): guided ÷ unguided wall time, and peak-memory increase.
 TARGETS = {"standalone_ratio": 1.05, "features_ratio": 1.35, "mem_overhead": 0.15}
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .. import REPO
 TOKENS = 77
 
 
@@ -67,7 +67,7 @@ def sd15_model(seed: int = 0, dtype=torch.float32):
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
-    from comfy_dg.tiny import _init_weights
+    from harness.tiny import _init_weights
 
     with torch.inference_mode(False):
         config = comfy.supported_models.SD15(sd15_unet_config(dtype))
@@ -83,7 +83,7 @@ def sd15_model(seed: int = 0, dtype=torch.float32):
 def build_model(name: str, dtype):
     if name == "sd15":
         return sd15_model(seed=0, dtype=dtype)
-    from comfy_dg.tiny import tiny_model
+    from harness.tiny import tiny_model
     return tiny_model("EPS", seed=0, dtype=dtype)
 
 
@@ -98,7 +98,7 @@ def random_conditioning(model_patcher):
 def build_discriminator(kind: str, model_patcher, negative=None, latent_shape=None):
     """kind "features": trained under `negative` (the run's negative prompt) for latents of `latent_shape`."""
     from comfy_dg import DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator
-    from comfy_dg.discriminators.taps import UNetMiddle
+    from comfy_dg.taps import UNetMiddle
     from comfy_dg.training.conditioning import negative_conditioning
     info = DiscriminatorInfo(4, "SD15")
     torch.manual_seed(0)
@@ -172,7 +172,7 @@ def child(spec: dict) -> dict:
                 latent)[0]["samples"]
         sync()
 
-    from comfy_dg.discriminators.taps import UNetMiddle
+    from comfy_dg.taps import UNetMiddle
     tap_features, second_passes = UNetMiddle.features, []
 
     def counted(*args, **kwargs):
@@ -208,7 +208,7 @@ def child(spec: dict) -> dict:
 
 
 def run_child(spec: dict, verbose: bool) -> dict:
-    cmd = [sys.executable, "-m", "comfy_dg.bench.speed", "--child", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "harness.bench.speed", "--child", json.dumps(spec)]
     p = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE,
                        text=True)
     lines = [line for line in p.stdout.splitlines() if line.startswith("{")]

@@ -1,6 +1,6 @@
 """Sampling overhead of discriminator guidance: guided ÷ unguided wall time, same sampler, steps and seeds.
 
-    python -m comfy_dg.bench.overhead [--steps 20] [--sampler euler] [--latent 8] [--batch 2] [--repeats 5]
+    python -m harness.bench.overhead [--steps 20] [--sampler euler] [--latent 8] [--batch 2] [--repeats 5]
 
 Runs the real KSampler node on a small real ComfyUI model (the SD1.5 UNet architecture at a tiny size) with
 each discriminator architecture, under ComfyUI's inference mode; prints a table and a final JSON line.
@@ -28,8 +28,8 @@ def main(argv=None):
     ensure_comfyui()
     import nodes as comfy_nodes
     from comfy_dg import DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator, guide
-    from comfy_dg.discriminators.taps import UNetMiddle
-    from comfy_dg.tiny import empty_conditioning, tiny_model
+    from comfy_dg.taps import UNetMiddle
+    from harness.tiny import empty_conditioning, tiny_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)

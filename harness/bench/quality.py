@@ -1,6 +1,6 @@
 """Quality benchmark: does discriminator guidance bring samples closer to real data?
 
-    python -m comfy_dg.bench.quality [--smoke] [--seeds 3] [--samples 1000]
+    python -m harness.bench.quality [--smoke] [--seeds 3] [--samples 1000]
 
 Real data: sklearn's digits (1797 8×8 images), a stratified 70/30 split (seed 0); the 30% is used only for
 metrics. The model: a small real ComfyUI model (ComfyUI's SD1.5 UNet architecture at 1M parameters, EPS, on a
@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from ..comfy_env import REPO
+from .. import REPO
 
 CACHE = os.path.join(REPO, ".cache", "bench")
 
@@ -38,7 +38,7 @@ class Phase:
 
     def get(self, compute):
         from safetensors.torch import load_file
-        from ..atomic import save_safetensors
+        from comfy_dg.atomic import save_safetensors
         if os.path.isfile(self.path):
             return load_file(self.path)
         out = compute()
@@ -70,7 +70,7 @@ def percent_for_sigma(model_sampling, sigma):
 
 def sample(model, n, seed, sampler, steps, batch=500):
     import comfy.sample
-    from comfy_dg.tiny import empty_conditioning
+    from harness.tiny import empty_conditioning
     pos, neg = empty_conditioning(model)
     out = []
     for i in range(0, n, batch):
@@ -96,9 +96,9 @@ def main(argv=None):
     from comfy_dg.comfy_env import ensure_comfyui
     ensure_comfyui()
     from comfy_dg import guide, load_discriminator, save_discriminator
-    from comfy_dg.bench.metrics import evaluate, train_classifier
-    from comfy_dg.tiny import tiny_model
-    from comfy_dg.tiny_train import train_diffusion
+    from harness.bench.metrics import evaluate, train_classifier
+    from harness.tiny import tiny_model
+    from harness.tiny_train import train_diffusion
     from comfy_dg.training import TrainConfig, Trainer
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -127,7 +127,7 @@ def main(argv=None):
     log(f"data: {len(x_train)} train / {len(x_test)} held-out digits")
 
     clf_state = Phase(a.cache, "classifier").get(lambda: train_classifier(x_train, y_train).state_dict())
-    from comfy_dg.bench.metrics import DigitClassifier
+    from harness.bench.metrics import DigitClassifier
     clf = DigitClassifier()
     clf.load_state_dict(clf_state)
     clf.eval().requires_grad_(False)
@@ -161,10 +161,10 @@ def main(argv=None):
             f"{[round(b['acc'], 2) for b in tr['heldout_bands']]} ({time.perf_counter() - t:.0f} s)")
 
     if a.export_demo:
-        from comfy_dg.demo import DISC_FILE, MODEL_FILE
-        from comfy_dg.tiny import save_tiny_checkpoint
+        from harness.demo import DISC_FILE, MODEL_FILE
+        from comfy_dg import small_models
         os.makedirs(os.path.dirname(MODEL_FILE), exist_ok=True)
-        save_tiny_checkpoint(model, None, MODEL_FILE)
+        small_models.save(model, None, MODEL_FILE)
         save_discriminator(discs["features"], DISC_FILE)
         log(f"demo files written: {MODEL_FILE}, {DISC_FILE}")
 
