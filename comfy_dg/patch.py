@@ -35,8 +35,8 @@ class Run:
         # Which evaluation of a step is which matters only when the two weights differ.
         self.tracker = StepTracker(sampler_name(sampler), sigmas) \
             if sampler is not None and opts["weight"] != opts["intermediate_weight"] else None
-        self.boost = 1.0            # set per step by a boosting sampler (sampling.sample_dg_heun_boosted)
-        self.log_r = None           # (B,) log r of the last guided first evaluation, +inf where unguided
+        self.boost = 1.0            # w multiplier where log r < 0, set per evaluation by sampling.sample_dg_heun_boosted
+        self.log_r = None           # (B,) log r at the last evaluation, +inf where it was not taken (read by it too)
         self.warned = False
 
     def weight(self, patch) -> float:
@@ -44,9 +44,6 @@ class Run:
         if self.tracker is None or self.tracker.on_evaluation():
             return patch.options["weight"]
         return patch.options["intermediate_weight"]
-
-    def first(self) -> bool:
-        return self.tracker is None or self.tracker.last_was_first
 
 
 class GuidancePatch:
@@ -147,12 +144,10 @@ class GuidancePatch:
 
     def _guide(self, run, denoised, x, sigma, base_model):
         w = run.weight(self)
-        first = run.first()
         sigma = sigma.reshape(-1)
         if sigma.numel() == 1 and x.shape[0] > 1:
             sigma = sigma.expand(x.shape[0])
-        if first:
-            run.log_r = torch.full((x.shape[0],), math.inf, device=x.device)
+        run.log_r = torch.full((x.shape[0],), math.inf, device=x.device)
         fast = self._take_fast_result(x, sigma)
         if w == 0.0:
             return denoised
@@ -164,13 +159,12 @@ class GuidancePatch:
             log_r, grad = fast[0][rows], fast[1][rows]
         else:
             log_r, grad = self._own_pass(base_model, x[rows], sigma[rows])
-        if first:
-            run.log_r[rows] = log_r.to(run.log_r)
+        run.log_r[rows] = log_r.to(run.log_r)
 
         s = sigma[rows].to(grad.dtype)
         a = parameterization.alpha(run.model_sampling, s)
         w_s = dg.scheduled(w, self.options["schedule"], dg.window_position(s, run.window.hi, run.window.lo))
-        w_s = dg.boosted(w_s, log_r, self.options["boost"] * (run.boost if first else 1.0))
+        w_s = dg.boosted(w_s, log_r, self.options["boost"] * run.boost)
         delta = dg.correction(grad, w_s, s, a)
         ok = dg.usable(delta, log_r, s, a)
         if not bool(ok.all()):

@@ -40,6 +40,7 @@ INTERMEDIATE_EVALUATIONS = {
     "sample_seeds_2": _one_unless_last,
     "sample_seeds_3": lambda i, sigmas: 0 if float(sigmas[i + 1]) == 0.0 else 2,
     "sample_sa_solver_pece": lambda i, sigmas: 0 if i == 0 else 1,
+    "sample_dg_heun_boosted": _one_unless_last,      # the pack's own (comfy_dg/sampling.py)
 }
 
 # Samplers whose evaluations do not follow the σ schedule (DPM-Solver's adaptive and fast variants pick

@@ -18,10 +18,10 @@ MODEL_FILE = os.path.join(DEMO, "models", "digits_model.safetensors")
 DISC_FILE = os.path.join(DEMO, "discriminators", "digits_dg.safetensors")
 # The quality benchmark's best setting for the demo discriminator (features, w = 4, whole window, heun 18,
 # DG on each step's first evaluation): FD −27.8% over 3 seeds × 1000 samples.
-DEFAULTS = {"weight": 4.0, "end_percent": 1.0, "sampler": "heun", "steps": 18, "first_evaluation_only": True}
+DEFAULTS = {"weight": 4.0, "intermediate_weight": 0.0, "end_percent": 1.0, "sampler": "heun", "steps": 18}
 
 
-def demo_prompt(batch=512, seed=0, weight=1.0, end_percent=1.0, sampler="heun", steps=18, first_evaluation_only=True):
+def demo_prompt(batch=512, seed=0, weight=1.0, intermediate_weight=0.0, end_percent=1.0, sampler="heun", steps=18):
     """The demo graph in ComfyUI's API format."""
     def ksampler(model):
         return {"class_type": "KSampler", "inputs": {
@@ -30,10 +30,9 @@ def demo_prompt(batch=512, seed=0, weight=1.0, end_percent=1.0, sampler="heun", 
     return {
         "1": {"class_type": "DGLoadDemoModel", "inputs": {}},
         "2": {"class_type": "LoadDiscriminator", "inputs": {"discriminator_name": "digits_dg.safetensors"}},
-        "3": {"class_type": "DiscriminatorGuidance", "inputs": {
-            "model": ["1", 0], "discriminator": ["2", 0], "weight": weight, "start_percent": 0.0,
-            "end_percent": end_percent, "schedule": "constant", "boost": 1.0,
-            "first_evaluation_only": first_evaluation_only}},
+        "3": {"class_type": "DiscriminatorGuidanceV2", "inputs": {
+            "model": ["1", 0], "discriminator": ["2", 0], "weight": weight, "intermediate_weight": intermediate_weight,
+            "start_percent": 0.0, "end_percent": end_percent, "schedule": "constant", "boost": 1.0}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
         "5": ksampler(["1", 0]),
         "6": ksampler(["3", 0]),

@@ -328,7 +328,7 @@ class Fuzzer:
             return lambda m: m.pop(key)
         edits = [
             (drop("comfy_dg.format"), "no comfy-dg metadata"),
-            (setter("comfy_dg.format", "2"), "file format '2'"), (setter("comfy_dg.format", ""), "file format ''"),
+            (setter("comfy_dg.format", "3"), "file format '3'"), (setter("comfy_dg.format", ""), "file format ''"),
             (setter("comfy_dg.architecture", "gan"), "architecture 'gan' is unknown"),
             (drop("comfy_dg.architecture"), "architecture None is unknown"),
             (setter("comfy_dg.config", '{"width": 16,'), "metadata is malformed"),

@@ -40,9 +40,10 @@ def run_cli(args, *, module=("-m", "comfy_dg.train"), launcher=(), timeout=300):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from harness.tiny import save_tiny_checkpoint, tiny_model, tiny_vae
+    from comfy_dg import small_models
+    from harness.tiny import tiny_model, tiny_vae
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_tiny_checkpoint(tiny_model("EPS"), tiny_vae(), path)
+    small_models.save(tiny_model("EPS"), tiny_vae(), path)
     return str(path)
 
 
@@ -66,13 +67,14 @@ def latents_file(path, latents):
 def latents(tiny_ckpt, digits, tmp_path_factory):
     """(real, fake) latent files, 40 each (4, 8, 8): the digits encoded by the tiny VAE, and the tiny model's
     samples, prepared in-process with data.py as the CLI would."""
-    from harness.tiny import empty_conditioning, load_tiny_checkpoint
+    from comfy_dg import small_models
     from comfy_dg.training.data import encode_folder, sample_fakes
     folder = tmp_path_factory.mktemp("latents")
-    model, vae = load_tiny_checkpoint(tiny_ckpt)
+    model, vae = small_models.load(tiny_ckpt)
     with torch.inference_mode():
         real = encode_folder(digits, vae, 64, 8)
-        fake = sample_fakes(model, *empty_conditioning(model), 40, 8, 0, 4, 3.0, "euler", "normal", 64, 64)
+        fake = sample_fakes(model, *small_models.null_conditioning(model), 40, 8, 0, 4, 3.0, "euler", "normal", 64,
+                            64)
     return latents_file(folder / "real.safetensors", real), latents_file(folder / "fake.safetensors", fake)
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import comfy_dg.atomic
 import comfy_dg.files
+from conftest import REPO
 from comfy_dg import (DiscriminatorFileError, DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator,
                       load_discriminator, save_discriminator)
 
@@ -26,14 +27,14 @@ META_KEYS = ("comfy_dg.format", "comfy_dg.architecture", "comfy_dg.config", "com
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
-def make_discriminator(architecture):
+def make_discriminator(architecture, tap="unet_middle"):
     """A small discriminator of either kind, with every parameter set to distinct seeded values."""
     info = DiscriminatorInfo(latent_channels=4, model_family="SD15", sigma_min=0.03, sigma_max=14.6,
                              training=dict(PROVENANCE))
     if architecture == "standalone":
         d = StandaloneDiscriminator(info, width=32, levels=2, emb_dim=32)
     else:
-        d = FeatureHeadDiscriminator(info, feature_channels=FEATURE_CHANNELS, width=32, emb_dim=32)
+        d = FeatureHeadDiscriminator(info, tap=tap, feature_channels=FEATURE_CHANNELS, width=32, emb_dim=32)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in d.parameters():   # defaults leave some tensors all-zero or all-one: make equality meaningful
@@ -130,10 +131,35 @@ def test_round_trip(tmp_path, architecture):
     with safe_open(path, "pt") as f:
         metadata = f.metadata()
     assert set(META_KEYS) <= set(metadata)
-    assert metadata["comfy_dg.format"] == "1"
+    assert metadata["comfy_dg.format"] == "2"
     assert metadata["comfy_dg.architecture"] == architecture
     assert json.loads(metadata["comfy_dg.config"]) == d.config()
     assert json.loads(metadata["comfy_dg.info"])["training"] == {**PROVENANCE, **TRAINING}
+
+
+def test_format_1_files_keep_loading(tmp_path):
+    """Files written before the pack named networks itself: the shipped demo discriminator (format 1, its
+    features head naming ComfyUI's UNetModel class), and a format-1 file of each kind of network."""
+    demo = load_discriminator(os.path.join(REPO, "demo", "discriminators", "digits_dg.safetensors"))
+    with safe_open(os.path.join(REPO, "demo", "discriminators", "digits_dg.safetensors"), "pt") as f:
+        assert f.metadata()["comfy_dg.format"] == "1"
+        assert json.loads(f.metadata()["comfy_dg.config"])["diffusion_model"] == "UNetModel"
+    assert demo.tap == "unet_middle" and demo.info.model_family == "Digits"
+    for tap, network in [("unet_middle", "UNetModel"), ("flux_double", "Flux"), ("mmdit_middle", "MMDiT"),
+                         ("mmdit_middle", "OpenAISignatureMMDITWrapper")]:
+        d = make_discriminator("features", tap=tap)
+        path = str(tmp_path / f"{tap}_{network}.safetensors")
+        save_discriminator(d, path)
+        _, meta = contents(path)
+        meta = {**meta, "comfy_dg.format": "1",
+                "comfy_dg.config": json.dumps({**d.config(), "diffusion_model": network})}
+        save_file(load_file(path), path, metadata=meta)
+        assert load_discriminator(path).tap == tap
+    # A format-1 file whose network is not the tap's own is refused as damaged.
+    meta["comfy_dg.config"] = json.dumps({**d.config(), "diffusion_model": "Flux"})
+    save_file(load_file(path), path, metadata=meta)
+    with pytest.raises(DiscriminatorFileError, match="does not read a Flux"):
+        load_discriminator(path)
 
 
 def test_save_leaves_the_discriminator_info_alone(tmp_path):
@@ -394,7 +420,7 @@ REFUSED = {
     "header-not-object": (header_not_object, "not a JSON object"),
     "no-metadata": (no_metadata, "no comfy-dg metadata"),
     "other-metadata": (foreign_metadata, "no comfy-dg metadata"),
-    "format-version": (edited(change_metadata=set_meta("comfy_dg.format", "2")), "file format '2'"),
+    "format-version": (edited(change_metadata=set_meta("comfy_dg.format", "3")), "file format '3'"),
     "unknown-architecture": (edited(change_metadata=set_meta("comfy_dg.architecture", "gan")),
                              "architecture 'gan' is unknown"),
     "config-not-json": (edited(change_metadata=set_meta("comfy_dg.config", '{"width": 32,')),

@@ -1,12 +1,10 @@
 """Picture outputs: comparison grids and decoded demo digits, as the nodes return them."""
-import asyncio
 
 import numpy as np
 import pytest
 import torch
 
 from comfy_dg.pictures import side_by_side, tile
-from conftest import REPO
 
 
 def test_tile_lays_out_a_batch():
@@ -23,13 +21,6 @@ def test_side_by_side_labels_and_panels():
     pic = side_by_side([(a, "left"), (b, "right")], columns=2)
     assert pic.dtype == np.uint8 and pic.shape[0] > 18 + 16 and pic.shape[2] == 3
     assert pic[:18].min() < 128          # the labels are drawn
-
-
-@pytest.fixture(scope="module")
-def pack():
-    import nodes as comfy_nodes
-    assert asyncio.run(comfy_nodes.load_custom_node(REPO, ignore=set()))
-    return comfy_nodes.NODE_CLASS_MAPPINGS
 
 
 def test_comparison_grid_node(pack):

@@ -4,7 +4,6 @@ nothing is ever unpickled; loading a file never allocates memory from a size its
 climb out of models/discriminators, or training file names that would, are refused.
 
 The same files go through the real server in test_robust_server.py."""
-import asyncio
 import collections
 import os
 import pickle
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 import folder_paths
-from conftest import REPO
+from conftest import comfy_folders
 from robust_fuzz import CATEGORIES, controls, generate
 
 MEMORY_LIMIT_MB = 50
@@ -49,13 +48,6 @@ def peak_growth_mb(fn):
 
 
 @pytest.fixture(scope="module")
-def pack_nodes():
-    import nodes as comfy_nodes
-    assert asyncio.run(comfy_nodes.load_custom_node(REPO, ignore=set()))
-    return comfy_nodes.NODE_CLASS_MAPPINGS
-
-
-@pytest.fixture(scope="module")
 def fuzz(tmp_path_factory):
     folder = tmp_path_factory.mktemp("discriminators")
     marker = tmp_path_factory.mktemp("pickle") / "unpickled"
@@ -65,10 +57,8 @@ def fuzz(tmp_path_factory):
 
 @pytest.fixture
 def discriminator_folder(fuzz):
-    saved = folder_paths.folder_names_and_paths["discriminators"]
-    folder_paths.folder_names_and_paths["discriminators"] = ([fuzz["folder"]], saved[1])
-    yield fuzz["folder"]
-    folder_paths.folder_names_and_paths["discriminators"] = saved
+    with comfy_folders(discriminators=fuzz["folder"]):
+        yield fuzz["folder"]
 
 
 @pytest.fixture
@@ -122,17 +112,17 @@ def test_the_pickle_payload_is_live(fuzz, tmp_path):
             os.remove(marker)
 
 
-def test_controls_load_through_the_node(pack_nodes, discriminator_folder, fuzz, no_unpickling):
+def test_controls_load_through_the_node(pack, discriminator_folder, fuzz, no_unpickling):
     """The unedited files load: each case below is refused for its damage alone."""
-    node = pack_nodes["LoadDiscriminator"]
+    node = pack["LoadDiscriminator"]
     for path in fuzz["controls"]:
         d = node.execute(os.path.basename(path)).args[0]
         assert type(d).__name__ in ("StandaloneDiscriminator", "FeatureHeadDiscriminator") and d.info.latent_channels == 4
 
 
-def test_every_hostile_file_gets_a_clear_error_and_nothing_is_unpickled(pack_nodes, discriminator_folder, fuzz,
+def test_every_hostile_file_gets_a_clear_error_and_nothing_is_unpickled(pack, discriminator_folder, fuzz,
                                                                         no_unpickling):
-    node = pack_nodes["LoadDiscriminator"]
+    node = pack["LoadDiscriminator"]
     failures, peaks = [], {}
     for case in fuzz["cases"]:
         error, growth = peak_growth_mb(lambda: node.execute(case.name))
@@ -153,10 +143,10 @@ def test_every_hostile_file_gets_a_clear_error_and_nothing_is_unpickled(pack_nod
     assert peaks[worst] < MEMORY_LIMIT_MB, f"{worst}: RSS grew by {peaks[worst]:.1f} MB"
 
 
-def test_huge_claims_allocate_nothing(pack_nodes, discriminator_folder, fuzz):
+def test_huge_claims_allocate_nothing(pack, discriminator_folder, fuzz):
     """Files whose header, shapes or block counts claim sizes from gigabytes to exabytes: each load's peak RSS
     growth stays small. Control: the same measurement sees a real 100 MB allocation."""
-    node = pack_nodes["LoadDiscriminator"]
+    node = pack["LoadDiscriminator"]
     huge = [c for c in fuzz["cases"] if c.category == "header-length" or "1099511627776" in c.expected
             or "levels=1000000000" in c.expected]
     assert len(huge) >= 10
@@ -177,20 +167,20 @@ ESCAPING = ["../escape.safetensors", "../../etc/passwd", "sub/../../x.safetensor
 
 
 @pytest.mark.parametrize("name", ESCAPING)
-def test_names_that_climb_out_are_refused(pack_nodes, discriminator_folder, name, tmp_path):
+def test_names_that_climb_out_are_refused(pack, discriminator_folder, name, tmp_path):
     # A real file where the name would lead, so that only the refusal stops it.
     outside = os.path.join(os.path.dirname(discriminator_folder), "escape.safetensors")
     with open(os.path.join(discriminator_folder, "control-standalone.safetensors"), "rb") as f, \
             open(outside, "wb") as g:
         g.write(f.read())
     with pytest.raises(ValueError, match=r"points outside models/discriminators|is not in models/discriminators"):
-        pack_nodes["LoadDiscriminator"].execute(name)
+        pack["LoadDiscriminator"].execute(name)
 
 
 @pytest.mark.parametrize("name", ["nul\0.safetensors", "missing.safetensors", "", " "])
-def test_odd_names_give_the_folder_error(pack_nodes, discriminator_folder, name):
+def test_odd_names_give_the_folder_error(pack, discriminator_folder, name):
     with pytest.raises(ValueError, match="models/discriminators"):
-        pack_nodes["LoadDiscriminator"].execute(name)
+        pack["LoadDiscriminator"].execute(name)
 
 
 class WriteAudit:
@@ -236,24 +226,21 @@ def small_training_data():
 
 @pytest.mark.parametrize("filename", ["../escape", "..", "...", "a/../../b", "..\\b", "/tmp/abs", "sub/dir",
                                       " ../x ", ".hidden", "", "ok_name"])
-def test_training_node_writes_only_inside_the_discriminators_folder(pack_nodes, small_training_data, tmp_path,
+def test_training_node_writes_only_inside_the_discriminators_folder(pack, small_training_data, tmp_path,
                                                                     filename):
     model, real, fake = small_training_data
     folder = tmp_path / "models" / "discriminators"
     folder.mkdir(parents=True)
-    saved = folder_paths.folder_names_and_paths["discriminators"]
-    folder_paths.folder_names_and_paths["discriminators"] = ([str(folder)], saved[1])
-    try:
-        with WriteAudit() as audit:
-            try:
-                with torch.inference_mode():
-                    pack_nodes["DGTrainDiscriminator"].execute(model, {"samples": real}, {"samples": fake}, filename,
-                                                               "standalone", 2, 4, 3e-4, 1e-7, 0.25, 1, 0, False, 0)
-                refused = None
-            except ValueError as e:
-                refused = e
-    finally:
-        folder_paths.folder_names_and_paths["discriminators"] = saved
+    with comfy_folders(discriminators=folder), WriteAudit() as audit:
+        try:
+            with torch.inference_mode():
+                pack["DGTrainDiscriminator"].execute(
+                    model=model, real_latents={"samples": real}, fake_latents={"samples": fake}, filename=filename,
+                    architecture="standalone", steps=2, batch_size=4, heldout_fraction=0.25, eval_every=1,
+                    patience=0, augment=False, seed=0)
+            refused = None
+        except ValueError as e:
+            refused = e
     # Allowed: the discriminators folder, and ComfyUI's output and temp (preview image) folders.
     allowed = [str(folder), os.path.abspath(folder_paths.get_output_directory()),
                os.path.abspath(folder_paths.get_temp_directory())]

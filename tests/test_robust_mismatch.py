@@ -1,29 +1,24 @@
 """Discriminators applied to the wrong model, and options out of range, through the Discriminator Guidance node
 in process (as ComfyUI loads the pack): each is refused when the node runs (or at validation), with a message
 that names both sides and the fix. The server's own range validation is checked in test_robust_server.py."""
-import asyncio
 import math
 
 import pytest
 import torch
 
-import nodes as comfy_nodes
 from comfy_dg import DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator
 from comfy_dg.taps import FluxDouble, UNetMiddle
 from harness.tiny import tiny_flux, tiny_model, tiny_sd3
-from conftest import REPO
 
 
 @pytest.fixture(scope="module")
-def node():
-    if "DiscriminatorGuidance" not in comfy_nodes.NODE_CLASS_MAPPINGS:
-        assert asyncio.run(comfy_nodes.load_custom_node(REPO, ignore=set()))
-    return comfy_nodes.NODE_CLASS_MAPPINGS["DiscriminatorGuidance"]
+def node(pack):
+    return pack["DiscriminatorGuidanceV2"]
 
 
 def apply(node, model, disc, **kw):
-    args = dict(weight=1.0, start_percent=0.0, end_percent=1.0, schedule="constant", boost=1.0,
-                first_evaluation_only=False, class_label=-1)
+    args = dict(weight=1.0, intermediate_weight=0.0, start_percent=0.0, end_percent=1.0, schedule="constant",
+                boost=1.0, class_label=-1)
     args.update(kw)
     with torch.inference_mode():
         return node.execute(model, disc, **args)
@@ -84,18 +79,17 @@ def test_a_unet_features_discriminator_on_transformers(node, models):
     for target in ("Flux", "SD3"):
         bm = models[target].model
         disc = FeatureHeadDiscriminator(DiscriminatorInfo(16, type(bm.latent_format).__name__), tap="unet_middle",
-                                        feature_channels=64, diffusion_model="UNetModel", width=32, emb_dim=32)
-        kind = type(bm.diffusion_model).__name__
-        refusal(node, models[target], disc, "'unet_middle' features of a UNetModel", f"network is a {kind}",
+                                        feature_channels=64, width=32, emb_dim=32)
+        kind = {"Flux": "flux", "SD3": "mmdit"}[target]
+        refusal(node, models[target], disc, "'unet_middle' features of a unet network", f"network is a {kind}",
                 "Use a discriminator trained on this model's own features")
 
 
 def test_a_flux_features_discriminator_on_a_unet(node, models):
     flux = models["Flux"].model
     disc = FeatureHeadDiscriminator(DiscriminatorInfo(16, "Flux"), tap="flux_double",
-                                    feature_channels=FluxDouble.channels(flux), diffusion_model="Flux", width=32,
-                                    emb_dim=32)
-    refusal(node, models["Flux-unet"], disc, "'flux_double' features of a Flux", "network is a UNetModel")
+                                    feature_channels=FluxDouble.channels(flux), width=32, emb_dim=32)
+    refusal(node, models["Flux-unet"], disc, "'flux_double' features of a flux network", "network is a unet")
 
 
 def test_a_features_discriminator_for_a_wider_network(node, models):
@@ -117,6 +111,9 @@ def test_start_after_end_is_refused_at_validation_and_at_apply_time(node, models
     message = node.validate_inputs(start_percent=0.8, end_percent=0.2)
     assert isinstance(message, str) and "0.8" in message and "0.2" in message and "swap" in message
     assert node.validate_inputs(start_percent=0.2, end_percent=0.8) is True
+    # Only the window's inputs are declared: ComfyUI keeps checking every other input's range itself.
+    import inspect
+    assert set(inspect.signature(node.validate_inputs).parameters) == {"start_percent", "end_percent"}
     refusal(node, models["SD15"], standalone(4, "SD15"), "start_percent (0.8)", "end_percent (0.2)", "swap them",
             start_percent=0.8, end_percent=0.2)
 
@@ -124,12 +121,14 @@ def test_start_after_end_is_refused_at_validation_and_at_apply_time(node, models
 @pytest.mark.parametrize("option, value, needles", [
     ("weight", math.nan, ["weight", "finite", "nan"]),
     ("weight", math.inf, ["weight", "finite", "inf"]),
-    ("boost", -1.0, ["boost", "≥ 0", "-1.0"]),
+    ("weight", 20.5, ["weight is 20.5", "0.0..20.0"]),
+    ("intermediate_weight", -0.5, ["intermediate_weight is -0.5", "0.0..20.0"]),
+    ("boost", -1.0, ["boost is -1.0", "0.0..10.0"]),
     ("boost", math.nan, ["boost", "nan"]),
-    ("start_percent", 1.5, ["start_percent", "0..1", "1.5"]),
-    ("end_percent", -0.1, ["end_percent", "0..1", "-0.1"]),
+    ("start_percent", 1.5, ["start_percent is 1.5", "0.0..1.0"]),
+    ("end_percent", -0.1, ["end_percent is -0.1", "0.0..1.0"]),
     ("schedule", "zigzag", ["zigzag", "constant", "cosine"]),
-    ("class_label", -2, ["class_label", "-1", "-2"]),
+    ("class_label", -2, ["class_label is -2", "-1..100000"]),
     ("class_label", 3, ["class_label 3", "not class-conditional", "set class_label to -1"]),
 ])
 def test_out_of_range_options_are_refused_with_the_value_and_the_range(node, models, option, value, needles):

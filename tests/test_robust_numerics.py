@@ -6,26 +6,14 @@ import logging
 import pytest
 import torch
 
-import comfy.model_management  # noqa: F401 - ComfyUI set up before the pack's nodes are imported
+from analytic import DATA, MODEL, ExactRatio, alpha_of, analytic_model, evaluate as exact_evaluate
+from builders import features, ksampler, standalone
 from comfy_dg import guide
+from comfy_dg.options import GUIDANCE
 from harness.tiny import tiny_model
-from test_patch import features, ksampler, standalone
-from test_theorem1 import DATA, MODEL, ExactRatio, alpha_of, analytic_model, evaluate as exact_evaluate
 
-
-def node_limits():
-    """The largest weight and boost the Discriminator Guidance node accepts, read from its schema."""
-    import asyncio
-    import nodes as comfy_nodes
-    from conftest import REPO
-    if "DiscriminatorGuidance" not in comfy_nodes.NODE_CLASS_MAPPINGS:
-        assert asyncio.run(comfy_nodes.load_custom_node(REPO, ignore=set()))
-    schema = comfy_nodes.NODE_CLASS_MAPPINGS["DiscriminatorGuidance"].GET_SCHEMA()
-    inputs = {i.id: i for i in schema.inputs}
-    return inputs["weight"].max, inputs["boost"].max
-
-
-W_MAX, BOOST_MAX = node_limits()
+# The largest weight and boost the Discriminator Guidance node (and guide()) accept.
+W_MAX, BOOST_MAX = GUIDANCE["weight"].max, GUIDANCE["boost"].max
 
 
 class BrokenForFirstSample(torch.nn.Module):

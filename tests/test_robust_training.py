@@ -40,15 +40,6 @@ def leftovers(folder):
 
 
 @pytest.fixture(scope="module")
-def pack_nodes():
-    import asyncio
-    import nodes as comfy_nodes
-    if "DGTrainDiscriminator" not in comfy_nodes.NODE_CLASS_MAPPINGS:
-        assert asyncio.run(comfy_nodes.load_custom_node(REPO, ignore=set()))
-    return comfy_nodes.NODE_CLASS_MAPPINGS
-
-
-@pytest.fixture(scope="module")
 def data():
     model = tiny_model("EPS", seed=0, attention=False)
     g = torch.Generator().manual_seed(SEED)
@@ -57,11 +48,8 @@ def data():
 
 
 @pytest.fixture
-def folder(tmp_path):
-    saved = folder_paths.folder_names_and_paths["discriminators"]
-    folder_paths.folder_names_and_paths["discriminators"] = ([str(tmp_path)], saved[1])
-    yield str(tmp_path)
-    folder_paths.folder_names_and_paths["discriminators"] = saved
+def folder(discriminator_folder):
+    return discriminator_folder
 
 
 def old_file(folder, data):
@@ -73,18 +61,19 @@ def old_file(folder, data):
         return path, f.read()
 
 
-def train_node(pack_nodes, data, steps, arch="standalone"):
+def train_node(pack, data, steps, arch="standalone"):
     with torch.inference_mode():
-        return pack_nodes["DGTrainDiscriminator"].execute(
-            data["model"], {"samples": data["real"]}, {"samples": data["fake"]}, "kept", arch, steps, 8, 3e-4, 1e-7,
-            0.25, 5, 0, True, 0)
+        return pack["DGTrainDiscriminator"].execute(
+            model=data["model"], real_latents={"samples": data["real"]}, fake_latents={"samples": data["fake"]},
+            filename="kept", architecture=arch, steps=steps, batch_size=8, heldout_fraction=0.25, eval_every=5,
+            patience=0, augment=True, seed=0)
 
 
 STOPS = sorted(random.Random(SEED).sample(range(1, 40), 4))
 
 
 @pytest.mark.parametrize("stop_at", STOPS)
-def test_interrupt_at_a_random_step_leaves_the_old_file_intact(pack_nodes, data, folder, stop_at):
+def test_interrupt_at_a_random_step_leaves_the_old_file_intact(pack, data, folder, stop_at):
     path, before = old_file(folder, data)
     seen = []
 
@@ -96,7 +85,7 @@ def test_interrupt_at_a_random_step_leaves_the_old_file_intact(pack_nodes, data,
     comfy.utils.set_progress_bar_global_hook(hook)
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
-            train_node(pack_nodes, data, steps=40, arch="features" if stop_at % 2 else "standalone")
+            train_node(pack, data, steps=40, arch="features" if stop_at % 2 else "standalone")
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         comfy.model_management.interrupt_current_processing(False)
@@ -114,7 +103,7 @@ def pack_atomic_modules():
 
 
 @pytest.mark.parametrize("fault", ["disk-full", "interrupt", "keyboard"])
-def test_a_failing_or_interrupted_write_leaves_the_old_file_intact(pack_nodes, data, folder, monkeypatch, fault):
+def test_a_failing_or_interrupted_write_leaves_the_old_file_intact(pack, data, folder, monkeypatch, fault):
     """The training node finishes training, then its write fails half-way: ENOSPC, ComfyUI's interrupt, or
     Ctrl-C. The error reaches the caller; the old file is as it was, and no partial file is left."""
     path, before = old_file(folder, data)
@@ -134,7 +123,7 @@ def test_a_failing_or_interrupted_write_leaves_the_old_file_intact(pack_nodes, d
     expected = {"disk-full": OSError, "interrupt": comfy.model_management.InterruptProcessingException,
                 "keyboard": KeyboardInterrupt}[fault]
     with pytest.raises(expected):
-        train_node(pack_nodes, data, steps=3)
+        train_node(pack, data, steps=3)
     assert written and all(os.path.dirname(os.path.dirname(w)) == folder for w in written)
     with open(path, "rb") as f:
         assert f.read() == before

@@ -1,5 +1,4 @@
 """Training a discriminator for a small real ComfyUI model on real data (sklearn's digits)."""
-import asyncio
 import os
 
 import numpy as np
@@ -9,12 +8,12 @@ import torch
 import comfy.model_management
 import comfy.utils
 import folder_paths
-from comfy_dg import guide, load_discriminator, save_discriminator
+from comfy_dg import OptionError, guide, load_discriminator, save_discriminator
 from comfy_dg.training import TrainConfig, Trainer, TrainingError
 from comfy_dg.training.data import DataError, encode_folder, folder_labels, list_images, read_cache, sample_fakes
 from comfy_dg.training.plot import plot_history
 from harness.tiny import empty_conditioning, tiny_model, tiny_vae
-from conftest import REPO
+from conftest import comfy_folders
 from digits import write_digit_folder
 
 N = 160
@@ -89,8 +88,10 @@ def test_bad_latents_are_refused(data):
         Trainer(data["model"], real.repeat(1, 4, 1, 1), fake, small_config())
     with pytest.raises(TrainingError, match="NaN"):
         Trainer(data["model"], real * float("nan"), fake, small_config())
-    with pytest.raises(TrainingError, match="unknown architecture"):
+    with pytest.raises(OptionError, match="architecture is 'gan'; choose one of features, standalone"):
         Trainer(data["model"], real, fake, small_config(architecture="gan"))
+    with pytest.raises(OptionError, match=r"heldout_fraction is 0.9, outside its range 0.01..0.5"):
+        Trainer(data["model"], real, fake, small_config(heldout_fraction=0.9))
 
 
 def test_bad_image_folders_are_refused(data, tmp_path):
@@ -185,20 +186,18 @@ def test_plot_is_a_picture(data):
 # --- the training node, in process, as ComfyUI loads it -----------------------------------------------
 
 @pytest.fixture(scope="module")
-def pack_nodes(tmp_path_factory):
-    import nodes as comfy_nodes
-    assert asyncio.run(comfy_nodes.load_custom_node(REPO, ignore=set()))
+def pack_nodes(pack, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("discriminators"))
-    folder_paths.folder_names_and_paths["discriminators"] = ([folder], {".safetensors"})
-    folder_paths.set_user_directory(str(tmp_path_factory.mktemp("user")))
-    return comfy_nodes.NODE_CLASS_MAPPINGS, folder
+    with comfy_folders(discriminators=folder, user=tmp_path_factory.mktemp("user"), extensions={".safetensors"}):
+        yield pack, folder
 
 
 def train_node(pack_nodes, data, name, steps=30):
     cls = pack_nodes[0]["DGTrainDiscriminator"]
     with torch.inference_mode():
-        return cls.execute(data["model"], {"samples": data["real"]}, {"samples": data["fake"]}, name, "features",
-                           steps, 32, 3e-4, 1e-7, 0.1, 10, 0, True, 0)
+        return cls.execute(model=data["model"], real_latents={"samples": data["real"]},
+                           fake_latents={"samples": data["fake"]}, filename=name, architecture="features",
+                           steps=steps, batch_size=32, eval_every=10, patience=0, augment=True, seed=0)
 
 
 def test_training_node_saves_a_loadable_file_and_a_plot(pack_nodes, data):
@@ -215,8 +214,9 @@ def test_training_node_under_the_negative_prompt(pack_nodes, data):
     cls = pack_nodes[0]["DGTrainDiscriminator"]
     negative = [[torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(3)), {}]]
     with torch.inference_mode():
-        cls.execute(data["model"], {"samples": data["real"]}, {"samples": data["fake"]}, "under_negative", "features",
-                    4, 32, 3e-4, 1e-7, 0.1, 2, 0, True, 0, negative=negative)
+        cls.execute(model=data["model"], real_latents={"samples": data["real"]}, fake_latents={"samples": data["fake"]},
+                    filename="under_negative", architecture="features", steps=4, batch_size=32, eval_every=2,
+                    patience=0, augment=True, seed=0, negative=negative)
     loaded = load_discriminator(os.path.join(pack_nodes[1], "under_negative.safetensors"))
     context, y = loaded.conditioning
     torch.testing.assert_close(context, negative[0][0][0])

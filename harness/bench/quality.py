@@ -186,7 +186,7 @@ def main(argv=None):
 
             def compute(spec=spec, seed=seed):
                 m = model if spec is None else guide(model, discs[spec[0]], weight=spec[1], start_percent=spec[2],
-                                                      end_percent=spec[3], first_evaluation_only=True)
+                                                      end_percent=spec[3], intermediate_weight=0.0)
                 return {"x": sample(m, a.samples, seed, a.sampler, a.steps)}
             x = Phase(a.cache, f"samples_{key}_{a.sampler}{a.steps}_s{seed}_n{a.samples}").get(compute)["x"]
             if seed == 0:
