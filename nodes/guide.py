@@ -23,22 +23,24 @@ def window_problem(start_percent, end_percent):
     return None
 
 
+def schema(node_id, display_name, description, options, **extra):
+    """The node's schema: the model, the discriminator, then the option widgets."""
+    return io.Schema(
+        node_id=node_id, display_name=display_name, category="model_patches/discriminator_guidance",
+        description=description,
+        inputs=[io.Model.Input("model", tooltip="The diffusion model to guide."),
+                Discriminator.Input("discriminator", tooltip="A discriminator trained for this model (Load "
+                                    "Discriminator)."),
+                *options, widget(GUIDANCE["class_label"], optional=True)],
+        outputs=[io.Model.Output(tooltip="The guided model (a patched clone).")], **extra)
+
+
 class DiscriminatorGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="DiscriminatorGuidanceV2",
-            display_name="Discriminator Guidance",
-            category="model_patches/discriminator_guidance",
-            description=DESCRIPTION,
-            inputs=[io.Model.Input("model", tooltip="The diffusion model to guide."),
-                    Discriminator.Input("discriminator", tooltip="A discriminator trained for this model "
-                                        "(Load Discriminator)."),
-                    *widgets(GUIDANCE, "weight", "intermediate_weight", "start_percent", "end_percent", "schedule",
-                             "boost"),
-                    widget(GUIDANCE["class_label"], optional=True)],
-            outputs=[io.Model.Output(tooltip="The guided model (a patched clone).")],
-        )
+        return schema("DiscriminatorGuidanceV2", "Discriminator Guidance", DESCRIPTION,
+                      widgets(GUIDANCE, "weight", "intermediate_weight", "start_percent", "end_percent", "schedule",
+                              "boost"))
 
     @classmethod
     def validate_inputs(cls, start_percent=None, end_percent=None):
@@ -46,44 +48,26 @@ class DiscriminatorGuidance(io.ComfyNode):
         return window_problem(start_percent, end_percent) or True
 
     @classmethod
-    def execute(cls, model, discriminator, weight, intermediate_weight, start_percent, end_percent, schedule, boost,
-                class_label=-1) -> io.NodeOutput:
-        return io.NodeOutput(guide(model, discriminator, weight=weight, intermediate_weight=intermediate_weight,
-                                   start_percent=start_percent, end_percent=end_percent, schedule=schedule,
-                                   boost=boost, class_label=class_label))
+    def execute(cls, model, discriminator, class_label=-1, **options) -> io.NodeOutput:
+        return io.NodeOutput(guide(model, discriminator, class_label=class_label, **options))
 
 
-class DiscriminatorGuidanceV1(io.ComfyNode):
+class DiscriminatorGuidanceV1(DiscriminatorGuidance):
     """The first version, kept so that workflows saved with it load and run as they did: its boolean
     first_evaluation_only is w₂ = 0 (on) or w₂ = w (off)."""
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="DiscriminatorGuidance",
-            display_name="Discriminator Guidance (v1, deprecated)",
-            category="model_patches/discriminator_guidance",
-            description=DESCRIPTION + " Deprecated: use Discriminator Guidance, whose intermediate_weight replaces "
-                                      "first_evaluation_only.",
-            is_deprecated=True,
-            inputs=[io.Model.Input("model", tooltip="The diffusion model to guide."),
-                    Discriminator.Input("discriminator", tooltip="A discriminator trained for this model."),
-                    *widgets(GUIDANCE, "weight", "start_percent", "end_percent", "schedule", "boost"),
-                    io.Boolean.Input("first_evaluation_only", default=False,
-                                     tooltip="Guide only the first model evaluation of each step (w₂ = 0); off: "
-                                             "every evaluation with w."),
-                    widget(GUIDANCE["class_label"], optional=True)],
-            outputs=[io.Model.Output(tooltip="The guided model (a patched clone).")],
-        )
+        first = io.Boolean.Input("first_evaluation_only", default=False,
+                                 tooltip="Guide only the first model evaluation of each step (w₂ = 0); off: every "
+                                         "evaluation with w.")
+        return schema("DiscriminatorGuidance", "Discriminator Guidance (v1, deprecated)",
+                      DESCRIPTION + " Deprecated: use Discriminator Guidance, whose intermediate_weight replaces "
+                                    "first_evaluation_only.",
+                      [*widgets(GUIDANCE, "weight", "start_percent", "end_percent", "schedule", "boost"), first],
+                      is_deprecated=True)
 
     @classmethod
-    def validate_inputs(cls, start_percent=None, end_percent=None):
-        return window_problem(start_percent, end_percent) or True
-
-    @classmethod
-    def execute(cls, model, discriminator, weight, start_percent, end_percent, schedule, boost, first_evaluation_only,
-                class_label=-1) -> io.NodeOutput:
-        return io.NodeOutput(guide(model, discriminator, weight=weight,
-                                   intermediate_weight=0.0 if first_evaluation_only else weight,
-                                   start_percent=start_percent, end_percent=end_percent, schedule=schedule,
-                                   boost=boost, class_label=class_label))
+    def execute(cls, model, discriminator, first_evaluation_only, class_label=-1, **options) -> io.NodeOutput:
+        w2 = 0.0 if first_evaluation_only else options["weight"]
+        return super().execute(model, discriminator, class_label=class_label, intermediate_weight=w2, **options)

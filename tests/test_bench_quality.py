@@ -1,10 +1,13 @@
 """The quality benchmark's pipeline, in its smoke size (the numbers are not checked, only that they come out)."""
+import pytest
 import json
 import os
 import subprocess
 import sys
 
 from conftest import COMFYUI, REPO
+
+pytestmark = pytest.mark.slow   # a server, browser, subprocess or training run
 
 
 def test_quality_benchmark_smoke(tmp_path):

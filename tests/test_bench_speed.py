@@ -1,6 +1,7 @@
 """The speed/memory benchmark (`python -m harness.bench.speed`) end to end in its --smoke mode: three
 subprocess runs (unguided, standalone, features from the sampler's own forward, features by a second pass) on the
 small model, a markdown table and a final JSON line."""
+import pytest
 import json
 import math
 import os
@@ -8,6 +9,8 @@ import subprocess
 import sys
 
 from conftest import COMFYUI, REPO
+
+pytestmark = pytest.mark.slow   # a server, browser, subprocess or training run
 
 HEADER = "| config         |         s |    s/step | × unguided |   peak MB | +% memory | 2nd passes |"
 CONFIGS = ("unguided", "standalone", "features", "features_2pass")

@@ -21,6 +21,8 @@ from harness.frontend import CHROMIUM, Frontend, chromium_path, wait_until
 from harness.workflows import FOLDER, WORKFLOWS, declared_models
 from conftest import COMFYUI, REPO
 
+pytestmark = pytest.mark.slow   # a server, browser, subprocess or training run
+
 NAMES = [wf.name for wf in WORKFLOWS]
 ARTIFACTS = os.environ.get("COMFY_DG_ARTIFACTS") or os.path.join(REPO, "tests", ".artifacts", "browser")
 UPDATE_DOCS = os.environ.get("COMFY_DG_UPDATE_DOCS") == "1"

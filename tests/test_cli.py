@@ -20,6 +20,8 @@ from comfy_dg.training import cli
 from comfy_dg.training.data import write_cache
 from comfy_dg.training.loop import Trainer
 
+pytestmark = pytest.mark.slow   # a server, browser, subprocess or training run
+
 # Data-parallel and one-process training of the same global batches agree to float rounding: the gradient
 # of the global mean is the all-reduced mean of the two halves' gradients, summed in another order. Measured
 # on the digits latents after 10 steps, standalone: max |Δw| = 2.5e-5 with augment (3.2e-5 without), on weights

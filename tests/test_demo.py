@@ -1,10 +1,13 @@
 """The README's main command: the embedded demo through a headless ComfyUI (small batch here)."""
+import pytest
 import json
 import os
 import subprocess
 import sys
 
 from conftest import COMFYUI, REPO
+
+pytestmark = pytest.mark.slow   # a server, browser, subprocess or training run
 
 
 def test_demo_runs_and_reports(tmp_path):

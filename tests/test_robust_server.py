@@ -24,6 +24,8 @@ from harness.tiny import empty_conditioning, tiny_model
 from conftest import COMFYUI, REPO
 from robust_fuzz import generate
 
+pytestmark = pytest.mark.slow   # a server, browser, subprocess or training run
+
 N_PROMPTS = 54
 SAMPLERS = ("euler", "dpmpp_2m", "heun")
 RSS_TOLERANCE_MB = 25

@@ -27,6 +27,8 @@ from conftest import COMFYUI, REPO
 from digits import write_digit_folder
 from robust_fuzz import _WritesMarker, join, split
 
+pytestmark = pytest.mark.slow   # a server, browser, subprocess or training run
+
 SEED = 7
 
 

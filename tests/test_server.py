@@ -14,6 +14,8 @@ from conftest import COMFYUI, REPO
 from harness.comfy_server import ComfyServer
 from digits import write_digit_folder
 
+pytestmark = pytest.mark.slow   # a server, browser, subprocess or training run
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

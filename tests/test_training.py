@@ -16,6 +16,8 @@ from harness.tiny import empty_conditioning, tiny_model, tiny_vae
 from conftest import comfy_folders
 from digits import write_digit_folder
 
+pytestmark = pytest.mark.slow   # a server, browser, subprocess or training run
+
 N = 160
 
 

@@ -47,37 +47,13 @@ TOKENS = 77
 
 # --- the models ------------------------------------------------------------------------------------------
 
-def sd15_unet_config(dtype=torch.float32):
-    """What comfy.model_detection finds in an SD1.5 checkpoint (its `SD15` entry in
-    unet_config_from_diffusers_unet, the same as detect_unet_config gives for the original checkpoints)."""
-    return {
-        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-        "legacy": False, "adm_in_channels": None, "dtype": dtype, "in_channels": 4, "model_channels": 320,
-        "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
-        "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
-        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        "use_temporal_attention": False, "use_temporal_resblock": False,
-    }
-
-
 def sd15_model(seed: int = 0, dtype=torch.float32):
-    """A ModelPatcher around a real comfy.model_base.BaseModel built from comfy.supported_models.SD15 and the
-    full-size SD1.5 unet config (EPS), weights random from `seed`."""
-    import comfy.model_base
+    """The full-size SD1.5 model (harness.fullsize), weights random from `seed`."""
     import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-    from harness.tiny import _init_weights
-
-    with torch.inference_mode(False):
-        config = comfy.supported_models.SD15(sd15_unet_config(dtype))
-        config.set_inference_dtype(dtype, None)
-        model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS, device="cpu")
-        _init_weights(model.diffusion_model, seed)
-        model.diffusion_model.to(dtype)
-        model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=torch.device("cpu"))
+    from harness.fullsize import unet_model
+    m = unet_model("sd15", dtype=dtype, seed=seed)
+    m.load_device = comfy.model_management.get_torch_device()
+    return m
 
 
 def build_model(name: str, dtype):
@@ -326,6 +302,15 @@ def main(argv=None):
     if not all(r["finite"] for r in rows.values()):
         print("note: some samples were not finite (random weights); timings stand, values do not matter here")
 
+    # The pack's own Python work per guided evaluation, before and after it moved to once per run (hotpath.py).
+    hook = subprocess.run([sys.executable, "-m", "harness.bench.hotpath", "--networks",
+                           "sd15" if a.smoke else "sd15,sdxl", "--repeats", "5" if a.smoke else "50"],
+                          cwd=REPO, capture_output=True, text=True, env=dict(os.environ))
+    if hook.returncode != 0:
+        raise SystemExit(f"the hook-overhead benchmark failed:\n{hook.stderr[-2000:]}")
+    print("\n" + "\n".join(hook.stdout.strip().splitlines()[:-1]))
+    overhead = json.loads(hook.stdout.strip().splitlines()[-1])
+
     result = {
         "benchmark": "speed", "model": a.model, "params": base["params"], "device": base["device"],
         "gpu": base.get("gpu"), "dtype": base["dtype"], "threads": base["threads"], "sampler": a.sampler,
@@ -340,6 +325,7 @@ def main(argv=None):
         **{f"{k}_mem_overhead": round(r["mem_overhead"], 4) for k, r in rows.items() if k != "unguided"},
         **{f"{k}_second_passes_per_run": r["second_passes_per_run"] for k, r in rows.items()},
         "targets": TARGETS, "met": met,
+        **{f"hook_{k}": v for k, v in overhead.items() if k != "benchmark"},
         "finite": all(r["finite"] for r in rows.values()),
     }
     assert all(math.isfinite(r["ratio"]) for r in rows.values())
