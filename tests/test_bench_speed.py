@@ -20,12 +20,16 @@ def test_smoke_prints_table_and_json():
     env = dict(os.environ, COMFYUI_PATH=COMFYUI, COMFY_DG_DEVICE="cpu")
     env.pop("PYTHONPATH", None)
     p = subprocess.run([sys.executable, "-m", "harness.bench.speed", "--smoke"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=90)
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
     assert HEADER in lines
-    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ") and line != HEADER}
+    table = lines[lines.index(HEADER) + 2:]
+    table = table[:table.index("")]
+    rows = {line.split("|")[1].strip(): line for line in table}
     assert set(rows) == set(CONFIGS)
+    # The hook's own per-evaluation work on a full-size SD1.5 UNet, before and after the per-run set-up.
+    assert any(line.startswith("| sd15 | 0.86B | 686 |") for line in lines)
     for label in ("standalone time", "features time", "standalone memory", "features memory"):
         assert any(line.strip().startswith(label) and line.rstrip().endswith(("met", "not met")) for line in lines)
 
@@ -49,3 +53,4 @@ def test_smoke_prints_table_and_json():
     assert result["features_second_passes_per_run"] == 0
     assert result["features_2pass_second_passes_per_run"] == 2
     assert result["unguided_second_passes_per_run"] == result["standalone_second_passes_per_run"] == 0
+    assert result["hook_sd15_before_ms"] > 0 and result["hook_sd15_after_ms"] > 0

@@ -12,8 +12,6 @@ FROM_COMFYUI = {"torch", "torchvision", "comfy", "comfy_api", "comfy_execution",
                 "nodes", "typing_extensions", "tqdm", "psutil", "yaml", "aiohttp", "server"}
 # Import name of each distribution the pack lists.
 IMPORT_NAME = {"pillow": "PIL"}
-# Used by benchmarks, tests and tools only (requirements-dev.txt), never when ComfyUI loads the pack.
-NOT_RUNTIME = ("comfy_dg/bench/", "comfy_dg/frontend.py")
 
 
 def pyproject():
@@ -65,7 +63,7 @@ def runtime_imports():
             for f in files:
                 path = os.path.join(root, f)
                 rel = os.path.relpath(path, REPO).replace(os.sep, "/")
-                if not f.endswith(".py") or rel.startswith(NOT_RUNTIME):
+                if not f.endswith(".py"):
                     continue
                 for node in ast.walk(ast.parse(open(path).read())):
                     if isinstance(node, ast.Import):
@@ -78,3 +76,66 @@ def runtime_imports():
 def test_every_runtime_import_is_listed_or_comes_with_comfyui():
     listed = {IMPORT_NAME.get(dist_name(r), dist_name(r)) for r in pyproject()["project"]["dependencies"]}
     assert runtime_imports() - FROM_COMFYUI <= listed
+
+
+def test_the_runtime_never_imports_the_harness_or_the_tests():
+    assert not runtime_imports() & {"harness", "tests", "conftest"}
+
+
+def _library_imports():
+    """{module: modules of comfy_dg it imports}, every import anywhere in the file (lazy ones too)."""
+    graph = {}
+    root = os.path.join(REPO, "comfy_dg")
+    for folder, _, files in os.walk(root):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(folder, f)
+            parts = os.path.relpath(path, REPO)[:-3].split(os.sep)
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            package = name if parts[-1] == "__init__" else name.rsplit(".", 1)[0]
+            edges = set()
+            for node in ast.walk(ast.parse(open(path).read())):
+                if isinstance(node, ast.ImportFrom):
+                    base = node.module or ""
+                    if node.level:
+                        base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
+                                        + ([node.module] if node.module else []))
+                    for alias in node.names:
+                        edges.add(base + "." + alias.name if base + "." + alias.name in _MODULES else base)
+                elif isinstance(node, ast.Import):
+                    edges |= {a.name for a in node.names}
+            graph[name] = {e for e in edges if e.startswith("comfy_dg") and e != name}
+    return graph
+
+
+_MODULES = {".".join(os.path.relpath(os.path.join(d, f), REPO)[:-3].split(os.sep)).removesuffix(".__init__")
+            for d, _, fs in os.walk(os.path.join(REPO, "comfy_dg")) for f in fs if f.endswith(".py")}
+
+
+def test_the_library_has_no_import_cycles():
+    graph = _library_imports()
+    assert set(graph) == _MODULES and "comfy_dg.patch" in graph["comfy_dg"]
+    state = {}
+
+    def visit(m, path):
+        if state.get(m) == "done":
+            return
+        assert state.get(m) != "open", "import cycle: " + " -> ".join(path + [m])
+        state[m] = "open"
+        for n in sorted(graph.get(m, ())):
+            # A package's own __init__ importing its submodules is how packages are built, not a cycle.
+            if not m.startswith(n + "."):
+                visit(n, path + [m])
+        state[m] = "done"
+    for m in sorted(graph):
+        visit(m, [])
+
+
+def test_the_library_is_loaded_once_with_the_pack(pack):
+    """The nodes and the tests use one comfy_dg: one set of classes and state per process."""
+    import comfy_dg.patch
+    copies = sorted(n for n in sys.modules if n.endswith(".comfy_dg") or ".comfy_dg." in n)
+    assert copies == []
+    guide_node = pack["DiscriminatorGuidanceV2"]
+    assert sys.modules[guide_node.__module__].guide is comfy_dg.patch.guide

@@ -74,9 +74,9 @@ def graph(disc=None, seed=11, model_seed=0, weight=2.0, sampler="euler", prefix=
     }
     if disc is not None:
         g["2"] = {"class_type": "LoadDiscriminator", "inputs": {"discriminator_name": disc}}
-        g["3"] = {"class_type": "DiscriminatorGuidance",
-                  "inputs": {"model": ["1", 0], "discriminator": ["2", 0], "weight": weight, "start_percent": 0.0,
-                             "end_percent": 1.0, "schedule": "constant", "boost": 1.0, "first_evaluation_only": False,
+        g["3"] = {"class_type": "DiscriminatorGuidanceV2",
+                  "inputs": {"model": ["1", 0], "discriminator": ["2", 0], "weight": weight, "intermediate_weight": 0.0,
+                             "start_percent": 0.0, "end_percent": 1.0, "schedule": "constant", "boost": 1.0,
                              **options}}
         g["5"]["inputs"]["model"] = ["3", 0]
     return g
@@ -129,7 +129,7 @@ def test_hostile_files_fail_their_prompts_and_the_server_keeps_serving(server, f
 
 
 @pytest.mark.parametrize("field, value", [
-    ("weight", 25.0), ("weight", -1.0), ("boost", 11.0), ("boost", -0.5),
+    ("weight", 25.0), ("weight", -1.0), ("intermediate_weight", 20.5), ("boost", 11.0), ("boost", -0.5),
     ("start_percent", 1.5), ("end_percent", -0.5), ("class_label", -2),
 ])
 def test_out_of_range_options_are_refused_at_validation_or_apply_time(server, field, value):

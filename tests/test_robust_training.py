@@ -19,6 +19,7 @@ import torch
 import comfy.model_management
 import folder_paths
 from comfy_dg import load_discriminator, save_discriminator
+import comfy_dg.atomic
 from comfy_dg.atomic import remove_stale_temp_files
 from harness.tiny import empty_conditioning, tiny_model, tiny_vae
 from comfy_dg.training import TrainConfig, Trainer
@@ -97,13 +98,6 @@ def test_interrupt_at_a_random_step_leaves_the_old_file_intact(pack, data, folde
     assert leftovers(folder) == []
 
 
-def pack_atomic_modules():
-    """The atomic writer as this test imports it and as the node package imports it (a second copy)."""
-    mods = [m for name, m in sys.modules.items() if name.endswith("comfy_dg.atomic") and m is not None]
-    assert len(mods) >= 1
-    return mods
-
-
 @pytest.mark.parametrize("fault", ["disk-full", "interrupt", "keyboard"])
 def test_a_failing_or_interrupted_write_leaves_the_old_file_intact(pack, data, folder, monkeypatch, fault):
     """The training node finishes training, then its write fails half-way: ENOSPC, ComfyUI's interrupt, or
@@ -120,8 +114,7 @@ def test_a_failing_or_interrupted_write_leaves_the_old_file_intact(pack, data, f
         if fault == "interrupt":
             raise comfy.model_management.InterruptProcessingException()
         raise KeyboardInterrupt
-    for mod in pack_atomic_modules():
-        monkeypatch.setattr(mod, "save_file", failing_save_file)
+    monkeypatch.setattr(comfy_dg.atomic, "save_file", failing_save_file)
     expected = {"disk-full": OSError, "interrupt": comfy.model_management.InterruptProcessingException,
                 "keyboard": KeyboardInterrupt}[fault]
     with pytest.raises(expected):
