@@ -85,14 +85,22 @@ def _init_transformer_weights(module: torch.nn.Module, seed: int):
 
 def tiny_flux_config(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=32, vec_in_dim=32,
                      guidance_embed=True):
+    import dataclasses
+    from comfy.ldm.flux.model import FluxParams
+
     head = hidden_size // num_heads
     axes = [head - 2 * (3 * head // 8), 3 * head // 8, 3 * head // 8]     # RoPE axes (index, row, column)
-    return {
+    config = {
         "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": vec_in_dim,
         "context_in_dim": context_in_dim, "hidden_size": hidden_size, "mlp_ratio": 4.0, "num_heads": num_heads,
         "depth": depth, "depth_single_blocks": depth_single_blocks, "axes_dim": axes, "theta": 10000,
         "patch_size": 2, "qkv_bias": True, "guidance_embed": guidance_embed,
     }
+    # Newer ComfyUI's FluxParams also say which text-token position axes carry ids: none for Flux.1, as its
+    # checkpoint detection sets (older ones have no such field).
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
+        config["txt_ids_dims"] = []
+    return config
 
 
 def tiny_flux(seed: int = 0, state_dict=None, dtype=torch.float32):

@@ -13,6 +13,9 @@ DATA = GaussianMixture.random(3, DIM, seed=1)
 # The model: the data's mixture with shifted means, other spreads and weights (wrong, but not absurdly so).
 _OTHER = GaussianMixture.random(3, DIM, seed=2)
 MODEL = GaussianMixture(DATA.means + 0.3 * _OTHER.means, _OTHER.stds, _OTHER.weights)
+# σ at which each model type is checked (the model's σ range, noisy to clean).
+SIGMAS = {"EPS": [14.0, 5.0, 2.0, 1.0, 0.5, 0.2, 0.05], "V_PREDICTION": [10.0, 3.0, 1.0, 0.3, 0.05],
+          "EDM": [40.0, 5.0, 1.0, 0.2, 0.05], "FLOW": [0.9, 0.7, 0.5, 0.3, 0.1, 0.02]}
 
 
 def alpha_of(model_type, sigma):
@@ -40,12 +43,14 @@ def evaluate(model_patcher, points, cfg):
             for sigma, x, d in probe_evaluate(model_patcher, shaped, cfg)]
 
 
-def analytic_model(model_type):
+def analytic_model(model_type, dtype=torch.float64):
+    """A tiny ComfyUI model whose denoiser is MODEL's exact posterior mean, computed in `dtype` on x's device."""
     m = tiny_model(model_type)
 
     def denoiser(apply_model, args):
         x, sigma = args["input"], args["timestep"]
-        xd = x.to(torch.float64).flatten(1)
-        return MODEL.posterior_mean(xd, sigma.to(torch.float64), alpha_of(model_type, sigma)).reshape(x.shape)
+        xd = x.to(dtype).flatten(1)
+        s = sigma.to(xd)
+        return MODEL.posterior_mean(xd, s, alpha_of(model_type, s)).reshape(x.shape)
     m.set_model_unet_function_wrapper(denoiser)
     return m

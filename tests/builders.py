@@ -4,7 +4,7 @@ import torch
 import nodes as comfy_nodes
 from comfy_extras import nodes_custom_sampler as ncs
 from comfy_dg import DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator
-from comfy_dg.taps import UNetMiddle
+from comfy_dg.taps import find_tap
 from harness.tiny import empty_conditioning
 
 
@@ -15,11 +15,13 @@ def standalone(family="SD15", channels=4, seed=0):
 
 
 def features(model, seed=0):
+    """A prompt-independent features head on the model's own tap (UNet, Flux, MMDiT)."""
     torch.manual_seed(seed)
     bm = model.model
     info = DiscriminatorInfo(bm.latent_format.latent_channels, type(bm.latent_format).__name__)
+    tap = find_tap(bm.diffusion_model)
     with torch.inference_mode(False):
-        return FeatureHeadDiscriminator(info, feature_channels=UNetMiddle.channels(bm), width=32, emb_dim=32)
+        return FeatureHeadDiscriminator(info, tap=tap.name, feature_channels=tap.channels(bm), width=32, emb_dim=32)
 
 
 def ksampler(model, sampler, batch=2, steps=4, cfg=3.0, seed=7):

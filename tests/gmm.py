@@ -16,13 +16,18 @@ class GaussianMixture:
         weights = torch.softmax(torch.randn(k, generator=g, dtype=torch.float64), 0)
         return cls(means, stds, weights)
 
+    def _params(self, x):
+        """The mixture's parameters on x's device, in x's dtype (the math runs in the caller's precision)."""
+        return self.means.to(x), self.stds.to(x), self.weights.to(x)
+
     def _components(self, x, sigma, alpha):
         """log π_k + log N(x; α μ_k, v_k I) and v_k, for x (B, D), σ and α (B,)."""
-        v = alpha[:, None] ** 2 * self.stds[None] ** 2 + sigma[:, None] ** 2          # (B, K)
-        diff = x[:, None, :] - alpha[:, None, None] * self.means[None]                # (B, K, D)
+        means, stds, weights = self._params(x)
+        v = alpha[:, None] ** 2 * stds[None] ** 2 + sigma[:, None] ** 2               # (B, K)
+        diff = x[:, None, :] - alpha[:, None, None] * means[None]                     # (B, K, D)
         d = x.shape[1]
         logp = -0.5 * (diff ** 2).sum(-1) / v - 0.5 * d * torch.log(2 * math.pi * v)
-        return self.weights.log()[None] + logp, v, diff
+        return weights.log()[None] + logp, v, diff
 
     def log_density(self, x, sigma, alpha):
         logp, _, _ = self._components(x, sigma, alpha)
@@ -30,9 +35,10 @@ class GaussianMixture:
 
     def posterior_mean(self, x, sigma, alpha):
         logp, v, diff = self._components(x, sigma, alpha)
+        means, stds, _ = self._params(x)
         gamma = torch.softmax(logp, dim=1)                                            # (B, K)
-        gain = alpha[:, None] * self.stds[None] ** 2 / v                               # (B, K)
-        mean_k = self.means[None] + gain[..., None] * diff                             # (B, K, D)
+        gain = alpha[:, None] * stds[None] ** 2 / v                                    # (B, K)
+        mean_k = means[None] + gain[..., None] * diff                                  # (B, K, D)
         return (gamma[..., None] * mean_k).sum(1)
 
     def sample_noisy(self, n, sigma, alpha, seed):

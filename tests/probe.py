@@ -9,7 +9,7 @@ def probe_sampler(points, record):
     """A KSAMPLER whose sampler function evaluates the model at fixed points and records what it returns."""
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
         for sigma, xs in points:
-            s = torch.full((xs.shape[0],), sigma, dtype=xs.dtype)
+            s = torch.full((xs.shape[0],), sigma, dtype=xs.dtype, device=xs.device)
             record.append((sigma, xs, model(xs, s, **extra_args)))
         return x
     return comfy.samplers.KSAMPLER(sample)

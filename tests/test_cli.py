@@ -267,6 +267,25 @@ def test_two_processes_match_one(tiny_ckpt, latents, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["one.safetensors", "two.safetensors"]     # no state, no temp files
 
 
+def test_torchrun_with_one_process_runs_the_distributed_path(tiny_ckpt, latents, tmp_path):
+    """`torchrun --nproc_per_node=1` starts the process group and wraps the discriminator in DDP (what checks
+    nccl on a one-GPU machine); with one process that changes nothing in the result."""
+    real, fake = latents
+
+    def argv(out):
+        return ["--checkpoint", tiny_ckpt, "--real-latents", real, "--fake-latents", fake, "--out", str(out),
+                "--architecture", "standalone", "--steps", "4", "--eval-every", "2", "--batch-size", "8",
+                "--threads", "1"]
+
+    plain, launched = tmp_path / "plain.safetensors", tmp_path / "launched.safetensors"
+    run = run_cli(argv(launched), launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"))
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-4000:])
+    assert "on 1 process (gloo)" in run.stdout
+    assert cli.main(argv(plain)) == 0
+    assert load_discriminator(str(launched)).info.training["processes"] == 1
+    assert_same_discriminator(plain, launched)
+
+
 # --- d. bad inputs ---------------------------------------------------------------------------------------
 def bad_case(name, tmp_path, tiny_ckpt, digits):
     """argv and the expected part of the message for each bad input."""

@@ -4,12 +4,9 @@ through ComfyUI's own sampling path (CFGGuider → sampling_function → post-CF
 import pytest
 import torch
 
-from analytic import DATA, MODEL, ExactRatio, alpha_of, analytic_model, evaluate
+from analytic import DATA, MODEL, SIGMAS, ExactRatio, alpha_of, analytic_model, evaluate
 from comfy_dg import guide
 from comfy_dg.dg import LOGIT_MAX
-
-SIGMAS = {"EPS": [14.0, 5.0, 2.0, 1.0, 0.5, 0.2, 0.05], "V_PREDICTION": [10.0, 3.0, 1.0, 0.3, 0.05],
-          "EDM": [40.0, 5.0, 1.0, 0.2, 0.05], "FLOW": [0.9, 0.7, 0.5, 0.3, 0.1, 0.02]}
 
 
 @pytest.mark.parametrize("cfg", [1.0, 4.0])

@@ -170,6 +170,10 @@ class Processes:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # Under torchrun the process group is started even for one process, so that `--nproc_per_node=1` runs
+        # the same code (nccl or gloo, DistributedDataParallel) as a larger job, e.g. to check it on one GPU.
+        self.distributed = self.world > 1 or ("MASTER_ADDR" in os.environ and "RANK" in os.environ)
+        self.backend = None
         self.started = False
 
     @property
@@ -178,17 +182,18 @@ class Processes:
 
     def start(self, timeout_minutes: float):
         self.cpu_group = None
-        if self.world > 1:
+        if self.distributed:
             import torch.distributed as dist
             timeout = datetime.timedelta(minutes=timeout_minutes)
             # The Trainer works on the model's load device: gradients are all-reduced by nccl on GPUs, gloo on
             # the CPU; the data itself is shared from rank 0 as CPU bytes, over a gloo group.
-            if torch.cuda.is_available():
+            if torch.cuda.is_available() and os.environ.get("COMFY_DG_DEVICE") != "cpu":
                 torch.cuda.set_device(self.local_rank)
                 dist.init_process_group("nccl", timeout=timeout)
                 self.cpu_group = dist.new_group(backend="gloo", timeout=timeout)
             else:
                 dist.init_process_group("gloo", timeout=timeout)
+            self.backend = dist.get_backend()
             self.started = True
 
     def stop(self):
@@ -482,7 +487,8 @@ def train(a, procs, run):
     if procs.main:
         say(f"training a {config.architecture} discriminator on {len(trainer.real)} real / {len(trainer.fake)} fake "
             f"latents (held out: {len(trainer.real_val)} / {len(trainer.fake_val)}), {config.steps} steps of "
-            f"{config.batch_size}" + (f" on {procs.world} processes" if procs.world > 1 else ""))
+            f"{config.batch_size}" + (f" on {procs.world} process{'es' if procs.world > 1 else ''} ({procs.backend})"
+                                      if procs.started else ""))
         if run.saved_step is not None:
             say(f"resuming from step {run.saved_step} (saved in {path})")
     if not trainer.history:

@@ -129,7 +129,7 @@ class Trainer:
             import comfy.model_management
             comfy.model_management.load_models_gpu([model_patcher])
         self.net = self.disc
-        if world_size > 1:
+        if world_size > 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.disc, device_ids=ids)
         with torch.inference_mode(False):

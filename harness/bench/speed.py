@@ -72,23 +72,31 @@ def random_conditioning(model_patcher):
 
 
 def build_discriminator(kind: str, model_patcher, negative=None, latent_shape=None):
-    """kind "features": trained under `negative` (the run's negative prompt) for latents of `latent_shape`."""
-    from comfy_dg import DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator
-    from comfy_dg.taps import UNetMiddle
+    """kind "standalone", "features_2pass" (prompt-independent features of the model's own tap) or "features"
+    (a UNet head trained under `negative`, the run's negative prompt, for latents of `latent_shape`). The
+    discriminator is made for the model's latent family and channels; a features head computes in the model's
+    compute dtype (fp8 weights compute in their manual-cast dtype)."""
+    from comfy_dg import DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator, identity
+    from comfy_dg.taps import find_tap
+    from comfy_dg.taps.common import compute_dtype
     from comfy_dg.training.conditioning import negative_conditioning
-    info = DiscriminatorInfo(4, "SD15")
+    bm = model_patcher.model
+    info = DiscriminatorInfo(identity.latent_channels(bm), identity.family(bm))
     torch.manual_seed(0)
     if kind == "standalone":
         return StandaloneDiscriminator(info)
-    channels = UNetMiddle.channels(model_patcher.model)
+    tap = find_tap(bm.diffusion_model)
+    if tap is None:
+        raise ValueError(f"comfy-dg: no feature tap for a {identity.network(bm.diffusion_model)} network")
+    head = {"tap": tap.name, "feature_channels": tap.channels(bm)}
     if kind == "features_2pass":
-        return FeatureHeadDiscriminator(info, feature_channels=channels)
+        return FeatureHeadDiscriminator(info, **head)
     context, y = negative_conditioning(model_patcher, negative, latent_shape)
     with torch.inference_mode(False):
-        disc = FeatureHeadDiscriminator(info, feature_channels=channels, context_tokens=context.shape[0],
-                                        context_dim=context.shape[1], y_dim=0 if y is None else y.numel())
+        disc = FeatureHeadDiscriminator(info, **head, context_tokens=context.shape[0], context_dim=context.shape[1],
+                                        y_dim=0 if y is None else y.numel())
         disc.set_conditioning(context, y)
-    return disc.to(model_patcher.model.get_dtype())
+    return disc.to(compute_dtype(bm))
 
 
 # --- one configuration, in its own process ------------------------------------------------------------------
