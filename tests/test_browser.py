@@ -225,7 +225,9 @@ def test_the_checks_catch_a_broken_workflow(frontend):
 def test_every_node_is_described_with_tooltips_and_consistent_names(server):
     info = server.get("/object_info")
     ours = {k: v for k, v in info.items() if "comfy-dg" in v.get("python_module", "")}
-    assert len(ours) == 9, sorted(ours)
+    # Nine nodes, the boosting sampler, and the first guidance node kept (deprecated) for old workflows.
+    assert len(ours) == 11, sorted(ours)
+    assert ours["DiscriminatorGuidance"].get("deprecated") and not ours["DiscriminatorGuidanceV2"].get("deprecated")
     for node_id, d in ours.items():
         assert len(d["description"]) > 40, node_id
         assert d["category"].startswith("model_patches/discriminator_guidance"), (node_id, d["category"])
