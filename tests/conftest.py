@@ -26,7 +26,20 @@ if os.environ.get("COMFY_DG_TEST_DEVICE", "cpu") == "cpu":
     args.cpu = True
 
 
+class _RepoRootIsNoTestPackage:
+    """The repo root's __init__.py is ComfyUI's entry point for the pack (ComfyUI imports the folder as a package,
+    whatever its name). pytest would collect the root as a test package and import that file on its own, which
+    fails for a folder name that is no Python identifier (the README's `comfy-dg`, names with dots): to pytest
+    the root is a plain folder."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if os.path.samefile(path, REPO):
+            return pytest.Dir.from_parent(parent, path=path)
+
+
 def pytest_configure(config):
+    config.pluginmanager.register(_RepoRootIsNoTestPackage(), "comfy_dg_repo_root")
     config.addinivalue_line("markers", "slow: starts a server, a browser or a subprocess, or trains (deselect with "
                                        "-m 'not slow')")
 
