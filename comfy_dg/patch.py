@@ -17,6 +17,7 @@ from .errors import OptionError
 from .options import GUIDANCE, check
 from .steps import StepTracker, sampler_name
 from .taps import find_tap
+from .taps.common import refuse_dynamic_vram
 from .tensors import autograd_weights, frozen
 
 log = logging.getLogger("comfy_dg")
@@ -92,7 +93,10 @@ class GuidancePatch:
         else:
             step_callback = callback
         with self.ready(base_model, guider.model_patcher.load_device):
-            return executor(guider, sigmas, extra_args, step_callback, *rest, **kwargs)
+            out = executor(guider, sigmas, extra_args, step_callback, *rest, **kwargs)
+        if run.tracker is not None:
+            run.tracker.finish()
+        return out
 
     def offload(self, model_patcher):
         if isinstance(self.discriminator, torch.nn.Module):
@@ -214,6 +218,8 @@ def guide(model, discriminator, weight: float = GUIDANCE["weight"].default,
     fits = getattr(discriminator, "check_compatible", None)
     if callable(fits):
         fits(model.model)
+    if getattr(discriminator, "tap_class", None) is not None:   # a features head: its gradient runs through the network
+        refuse_dynamic_vram(model, "Discriminator Guidance with a features discriminator")
     patch = GuidancePatch(discriminator, options)
     m = model.clone()
     m.set_model_sampler_post_cfg_function(patch)

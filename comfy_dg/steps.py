@@ -7,6 +7,12 @@ of intermediate evaluations of step i (0 for one-evaluation samplers, 1 for heun
 first evaluation of step i+1. The table below gives that number per sampler, as a function of i and the
 σ schedule; each run checks it against the callbacks and falls back to "every evaluation" with a warning
 when the sampler does something else.
+
+A sampler missing from the table (a newer ComfyUI's, or a custom one) is measured instead: the evaluations
+between its callbacks 0 and 1 are one step's intermediates plus the next step's first, so that interval gives
+its evaluations per step. Until then every evaluation is guided (the first step cannot be told apart); every
+later step is checked against the measured count, and a sampler whose count changes from step to step falls
+back to "every evaluation" with a warning.
 """
 import logging
 
@@ -24,10 +30,12 @@ def _heunpp2(i, sigmas):
     return 1 if float(sigmas[i + 2]) == end else 2
 
 
-# Intermediate evaluations after callback i, by sampler function name. Absent names: 0 (one evaluation
-# per step), checked at run time.
+# Intermediate evaluations after callback i, by sampler function name. Absent names are measured at run time
+# (one-evaluation samplers need no entry).
 INTERMEDIATE_EVALUATIONS = {
     "sample_heun": _one_unless_last,
+    "sample_exp_heun_2_x0": _one_unless_last,           # seeds_2 with r = 1 (ComfyUI 0.3x)
+    "sample_exp_heun_2_x0_sde": _one_unless_last,
     "sample_heunpp2": _heunpp2,
     "sample_dpm_2": _one_unless_last,
     "sample_dpm_2_ancestral": _one_unless_last,
@@ -59,18 +67,21 @@ class StepTracker:
     def __init__(self, name: str, sigmas):
         self.name = name
         self.sigmas = [float(s) for s in sigmas]
-        self.intermediate = INTERMEDIATE_EVALUATIONS.get(name, lambda i, s: 0)
-        self.every_evaluation = name in CANNOT_TELL
-        if self.every_evaluation:
-            self._give_up("its evaluation points do not follow the step schedule")
+        self.intermediate = INTERMEDIATE_EVALUATIONS.get(name)      # None: measured between callbacks 0 and 1
+        self.every_evaluation = False
         self.to_skip = 0
+        self.evaluations = 0            # since the last callback (or the start)
         self.firsts_since_callback = 0
         self.last_was_first = False
+        self.callbacks = 0
+        if name in CANNOT_TELL:
+            self._give_up("its evaluation points do not follow the step schedule")
 
     def _give_up(self, why: str):
         self.every_evaluation = True
-        log.warning("comfy-dg: 'first evaluation only' cannot tell the steps of sampler %s (%s); "
-                    "discriminator guidance is applied at every model evaluation of this run.", self.name, why)
+        log.warning("comfy-dg: the intermediate weight needs each step's evaluations, but comfy-dg cannot tell the "
+                    "steps of sampler %s (%s); the weight w is applied at every model evaluation of this run.",
+                    self.name, why)
 
     def peek(self) -> bool:
         """What on_evaluation() will say for the coming evaluation, without counting it."""
@@ -79,6 +90,7 @@ class StepTracker:
     def on_evaluation(self) -> bool:
         if self.every_evaluation:
             return True
+        self.evaluations += 1
         if self.to_skip > 0:
             self.to_skip -= 1
             self.last_was_first = False
@@ -90,9 +102,34 @@ class StepTracker:
     def on_callback(self, i: int):
         if self.every_evaluation:
             return
-        # Every sampler in the table calls back right after the first evaluation of step i.
-        if self.to_skip or not self.last_was_first or self.firsts_since_callback != 1:
-            self._give_up("its callbacks do not follow one evaluation per step plus the known intermediates")
+        self.callbacks += 1
+        if i != self.callbacks - 1:
+            self._give_up(f"its callback numbers steps {self.callbacks - 1} as {i}")
             return
-        self.firsts_since_callback = 0
-        self.to_skip = self.intermediate(i, self.sigmas) if i + 1 < len(self.sigmas) else 0
+        # Every sampler calls back right after the first evaluation of step i.
+        if self.intermediate is None and i == 1 and self.evaluations >= 1:
+            per_step = self.evaluations
+            self.intermediate = lambda _i, _sigmas: per_step - 1
+            if per_step > 1:
+                log.info("comfy-dg: sampler %s is not in comfy-dg's table; its callbacks show %d model evaluations "
+                         "per step. Its first step got the weight w at every evaluation, every later step at its "
+                         "first only (the intermediate weight at the others).", self.name, per_step)
+        elif self.to_skip or not self.last_was_first or self.firsts_since_callback != 1:
+            if i == 0:
+                why = f"it evaluated the model {self.evaluations} times before its first callback"
+            elif self.name in INTERMEDIATE_EVALUATIONS:
+                why = f"step {i - 1} took another number of model evaluations than comfy-dg's table says"
+            else:
+                why = f"step {i - 1} took another number of model evaluations than its step 0 did"
+            self._give_up(why)
+            return
+        self.evaluations = self.firsts_since_callback = 0
+        self.last_was_first = False
+        if self.intermediate is not None and i + 1 < len(self.sigmas):
+            self.to_skip = self.intermediate(i, self.sigmas)
+
+    def finish(self):
+        """After the run: a sampler that evaluated the model more than once and never called back could not be
+        followed (every evaluation was guided); say so."""
+        if not self.every_evaluation and self.callbacks == 0 and self.evaluations > 1:
+            self._give_up("it never called its progress callback")

@@ -6,7 +6,7 @@ import torch
 
 import comfy.samplers
 from comfy_extras import nodes_custom_sampler as ncs
-from comfy_dg import IncompatibleDiscriminator, OptionError, guide
+from comfy_dg import IncompatibleDiscriminator, OptionError, guide, steps
 from comfy_dg.steps import CANNOT_TELL
 from harness.tiny import empty_conditioning, tiny_model
 from builders import custom_advanced, features, ksampler, standalone
@@ -147,31 +147,34 @@ class StepRecorder:
         self.events.append(("cb", i))
 
 
-@pytest.mark.parametrize("sampler", comfy.samplers.SAMPLER_NAMES)
-def test_intermediate_weight_zero_skips_exactly_the_intermediate_evaluations(eps_model, sampler, caplog):
-    rec = StepRecorder()
-
+def _first_evaluation_run(model, sampler, rec, caplog):
     class Marker(torch.nn.Module):   # notes which evaluation DG ran in
         def forward(self, x_in, sigma):
             rec.guided.append(len(rec.evals()))
             return x_in.mean(dim=(1, 2, 3))
 
-    m = guide(eps_model, Marker(), weight=0.5, intermediate_weight=0.0)
+    m = guide(model, Marker(), weight=0.5, intermediate_weight=0.0)
     m.set_model_sampler_post_cfg_function(rec.hook)
     pos, neg = empty_conditioning(m)
     sigmas = m.model.model_sampling.sigma(torch.linspace(999, 0, 7)).tolist()[:-1] + [0.0]
-    with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="comfy_dg"):
+    with torch.inference_mode(), caplog.at_level(logging.INFO, logger="comfy_dg"):
         sampler_obj = comfy.samplers.sampler_object(sampler)
         guider = comfy.samplers.CFGGuider(m)
         guider.set_conds(pos, neg)
         guider.set_cfg(2.0)
-        guider.sample(torch.randn(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), sampler_obj,
-                      torch.tensor(sigmas), callback=rec.callback, disable_pbar=True, seed=1)
+        guider.sample(torch.randn(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), sampler_obj, torch.tensor(sigmas),
+                      callback=rec.callback, disable_pbar=True, seed=1)
+    return sampler_obj.sampler_function.__name__
+
+
+@pytest.mark.parametrize("sampler", comfy.samplers.SAMPLER_NAMES)
+def test_intermediate_weight_zero_skips_exactly_the_intermediate_evaluations(eps_model, sampler, caplog):
+    rec = StepRecorder()
+    name = _first_evaluation_run(eps_model, sampler, rec, caplog)
     n_evals = len(rec.evals())
     # Ground truth: every sampler calls back right after the first evaluation of each step.
     firsts = [rec.events[k - 1][1] for k, e in enumerate(rec.events) if e[0] == "cb" and k > 0
               and rec.events[k - 1][0] == "eval"]
-    name = sampler_obj.sampler_function.__name__
     if name in CANNOT_TELL:
         assert rec.guided == list(range(n_evals))
         assert "cannot tell" in caplog.text
@@ -179,6 +182,47 @@ def test_intermediate_weight_zero_skips_exactly_the_intermediate_evaluations(eps
         assert rec.guided == firsts, f"{sampler}: guided {rec.guided}, first evaluations {firsts}"
         assert "cannot tell" not in caplog.text
     assert n_evals >= len(firsts) >= 1
+
+
+@pytest.mark.parametrize("sampler", comfy.samplers.SAMPLER_NAMES)
+def test_intermediate_weight_zero_measures_a_sampler_missing_from_the_table(eps_model, sampler, caplog, monkeypatch):
+    """Every sampler of this ComfyUI, as if the table did not know it: its evaluations per step are measured
+    between callbacks 0 and 1 (all of them guided, since step 0's intermediates cannot be told from step 1's
+    first evaluation until callback 1), then only first evaluations are guided; a sampler whose count changes
+    from step to step is caught at the change and guided at every evaluation from there, with a warning."""
+    monkeypatch.setattr(steps, "INTERMEDIATE_EVALUATIONS", {})
+    rec = StepRecorder()
+    name = _first_evaluation_run(eps_model, sampler, rec, caplog)
+    n_evals = len(rec.evals())
+    # Ground truth from the recording: evaluations between consecutive callbacks, and each step's first.
+    between, count = [], 0
+    for kind, _ in rec.events:
+        if kind == "eval":
+            count += 1
+        else:
+            between.append(count)
+            count = 0
+    firsts = [rec.events[k - 1][1] for k, e in enumerate(rec.events) if e[0] == "cb" and k > 0
+              and rec.events[k - 1][0] == "eval"]
+    if name in CANNOT_TELL:
+        assert rec.guided == list(range(n_evals)) and "cannot tell" in caplog.text
+        return
+    assert between[0] == 1 and len(between) >= 3, f"{sampler}: callbacks {between}"
+    per_step = between[1]
+    if all(n == per_step for n in between[2:]):
+        learning = list(range(firsts[1] + 1))         # every evaluation up to step 1's first
+        assert rec.guided == sorted(set(learning) | set(firsts)), f"{sampler}: guided {rec.guided}"
+        assert "cannot tell" not in caplog.text
+        assert (f"show {per_step} model evaluations per step" in caplog.text) == (per_step > 1)
+    else:
+        # Caught at the callback that ends the first interval j with another count: up to interval j as above;
+        # in it, the measured count's intermediates are skipped; from there on, every evaluation is guided.
+        assert "cannot tell" in caplog.text and "than its step 0 did" in caplog.text, sampler
+        j = next(k for k in range(2, len(between)) if between[k] != per_step)
+        start = sum(between[:j])
+        expected = set(range(firsts[1] + 1)) | {f for f in firsts if f < start} | set(range(start + per_step - 1,
+                                                                                           n_evals))
+        assert rec.guided == sorted(expected), f"{sampler}: guided {rec.guided}, callbacks {between}"
 
 
 @pytest.mark.parametrize("model_type", ["EPS", "V_PREDICTION", "EDM", "FLOW"])

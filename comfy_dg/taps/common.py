@@ -1,4 +1,15 @@
-"""What the taps share: running a network's forward up to one block, and laying tokens back on the latent grid."""
+"""What the taps share: running a network's forward up to one block (on its differentiable code path), what a
+backward pass through the network needs of ComfyUI, and laying tokens back on the latent grid.
+
+Found by looking at ComfyUI's own objects, never at its version:
+- `comfy.model_management.in_training`, where it exists: some networks (Flux's RoPE, ...) run comfy_kitchen kernels
+  without a backward pass unless it is set, as ComfyUI's own training nodes do. It is process-wide, so the pack sets
+  it only around a tap's own pass and puts the old value back on any exit. The sampler's forward, which the UNet
+  fast path differentiates, runs as the sampler runs it (no UNet code reads the flag).
+- A dynamic-VRAM patcher (`is_dynamic()`: comfy-aimdo streams each layer's weights onto the GPU when the layer runs,
+  into buffers later layers reuse): a backward pass would need weights that are gone by then.
+"""
+import contextlib
 import math
 
 import torch
@@ -12,9 +23,42 @@ def compute_dtype(base_model):
     return base_model.manual_cast_dtype or base_model.get_dtype()
 
 
+@contextlib.contextmanager
+def differentiable_forward():
+    """ComfyUI's training flag on for the duration only, where this ComfyUI has one."""
+    import comfy.model_management as mm
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = before
+
+
+def is_dynamic(model_patcher) -> bool:
+    """Whether ComfyUI streams this model's weights at op time (ModelPatcherDynamic; ComfyUI builds the plain
+    patcher on the CPU and under --disable-dynamic-vram)."""
+    check = getattr(model_patcher, "is_dynamic", None)
+    return bool(check()) if callable(check) else False
+
+
+def refuse_dynamic_vram(model_patcher, what: str):
+    if is_dynamic(model_patcher):
+        from ..errors import UnsupportedModel
+        raise UnsupportedModel(
+            f"comfy-dg: {what} takes a gradient through the diffusion network, but ComfyUI loaded this model with "
+            "dynamic VRAM (weights streamed onto the GPU layer by layer, which a backward pass cannot use). "
+            "Restart ComfyUI with --disable-dynamic-vram, or use a standalone discriminator (no gradient through "
+            "the network).")
+
+
 def run_until(dm, block, call):
-    """Run call() (the network's forward) until `block` has produced its output; return that output. The forward
-    is stopped there by an exception from a forward hook, so no later block is computed."""
+    """Run call() (the network's forward, on its differentiable code path) until `block` has produced its output;
+    return that output. The forward is stopped there by an exception from a forward hook, so no later block is
+    computed."""
     captured = {}
 
     def grab(_module, _inputs, output):
@@ -23,7 +67,8 @@ def run_until(dm, block, call):
 
     handle = block.register_forward_hook(grab)
     try:
-        call()
+        with differentiable_forward():
+            call()
     except _Stop:
         pass
     finally:
