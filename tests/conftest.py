@@ -101,3 +101,13 @@ def discriminator_folder(tmp_path):
     """A fresh models/discriminators folder for one test."""
     with comfy_folders(discriminators=tmp_path):
         yield str(tmp_path)
+
+
+@pytest.fixture
+def every_progress_update(monkeypatch):
+    """Newer ComfyUI's ProgressBar passes an update to its hook only 0.1 s and 0.5% after the last one; a test that
+    acts at a given step needs every update (where ComfyUI has no throttle, nothing changes)."""
+    import comfy.utils
+    for name in ("PROGRESS_THROTTLE_MIN_INTERVAL", "PROGRESS_THROTTLE_MIN_PERCENT"):
+        if hasattr(comfy.utils, name):
+            monkeypatch.setattr(comfy.utils, name, 0)

@@ -43,6 +43,14 @@ def fuzz_cases(tmp_path_factory):
     return list(firsts.values()), marker
 
 
+def classic_cache():
+    """ComfyUI's classic cache keeps only the last prompt's outputs, so what outlives a prompt is the pack's doing.
+    Newer ComfyUI defaults to a RAM-pressure cache that keeps every output (a discriminator included) until RAM
+    runs short; where ComfyUI offers --cache-classic the server runs with it."""
+    from comfy.cli_args import parser
+    return ["--cache-classic"] if any("--cache-classic" in a.option_strings for a in parser._actions) else []
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, fuzz_cases):
     base = str(tmp_path_factory.mktemp("comfy"))
@@ -57,7 +65,7 @@ def server(tmp_path_factory, fuzz_cases):
                                                 emb_dim=32), os.path.join(folder, "features.safetensors"))
     for case in fuzz_cases[0]:
         shutil.copy(case.path, os.path.join(folder, case.name))
-    srv.start()
+    srv.start(extra_args=classic_cache())
     yield srv
     srv.stop()
 

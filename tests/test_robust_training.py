@@ -76,7 +76,8 @@ STOPS = sorted(random.Random(SEED).sample(range(1, 40), 4))
 
 
 @pytest.mark.parametrize("stop_at", STOPS)
-def test_interrupt_at_a_random_step_leaves_the_old_file_intact(pack, data, folder, stop_at):
+def test_interrupt_at_a_random_step_leaves_the_old_file_intact(pack, data, folder, stop_at,
+                                                              every_progress_update):
     path, before = old_file(folder, data)
     seen = []
 

@@ -226,7 +226,7 @@ def test_training_node_under_the_negative_prompt(pack_nodes, data):
 
 
 @pytest.mark.parametrize("stop_at", [1, 7, 23])
-def test_interrupt_stops_within_a_step_and_leaves_the_old_file_intact(pack_nodes, data, stop_at):
+def test_interrupt_stops_within_a_step_and_leaves_the_old_file_intact(pack_nodes, data, stop_at, every_progress_update):
     path = os.path.join(pack_nodes[1], "kept.safetensors")
     torch.manual_seed(0)
     old = Trainer(data["model"], data["real"], data["fake"], small_config(steps=1)).run()
