@@ -110,25 +110,63 @@ def frontend_errors(fe):
 
 
 CHECK_GRAPH_JS = """() => {
-    const out = {missing: [], errors: [], badWidgets: []};
+    const out = {missing: [], errors: [], badWidgets: [], absentModels: []};
     for (const n of app.graph._nodes) {
         if (!LiteGraph.registered_node_types[n.type]) out.missing.push(n.type);
         if (n.has_errors) out.errors.push(n.type);
         const models = new Set((n.properties?.models || []).map(m => m.name));
+        let absent = false;
         for (const w of n.widgets || []) {
             const o = w.options || {};
             if (w.type === 'combo') {
                 const values = typeof o.values === 'function' ? o.values() : o.values;
-                if (Array.isArray(values) && !values.includes(w.value) && !models.has(w.value))
-                    out.badWidgets.push([n.type, w.name, w.value]);
+                if (Array.isArray(values) && !values.includes(w.value)) {
+                    if (!models.has(w.value)) out.badWidgets.push([n.type, w.name, w.value]);
+                    else absent = true;
+                }
             } else if (typeof w.value === 'number' && ((o.min !== undefined && w.value < o.min) ||
                                                         (o.max !== undefined && w.value > o.max))) {
                 out.badWidgets.push([n.type, w.name, w.value]);
             }
         }
+        if (absent) out.absentModels.push(n.type);
     }
     return out;
 }"""
+
+
+@pytest.fixture(scope="module")
+def flags_absent_models(frontend):
+    """Whether this frontend flags a loader whose file is not installed (newer frontends mark the node, older ones
+    leave it alone): found by loading a graph of one such loader."""
+    wf = read_workflow("1_sd15_text_to_image_dg")
+    loader = next(n for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple")
+    assert loader["properties"]["models"][0]["name"] == loader["widgets_values"][0]
+    loader = dict(loader, outputs=[dict(o, links=[]) for o in loader.get("outputs", [])])
+    frontend.load(dict(wf, nodes=[loader], links=[], groups=[]))
+    check = frontend.js(CHECK_GRAPH_JS)
+    assert check["absentModels"] == ["CheckpointLoaderSimple"] and check["errors"] in ([], ["CheckpointLoaderSimple"])
+    return check["errors"] == ["CheckpointLoaderSimple"]
+
+
+@pytest.fixture(scope="module")
+def validates_v3_combos(server):
+    """Whether this ComfyUI's prompt validation checks a V3 combo's value (newer ones do; older ones let it through
+    to the node, which then refuses it when it runs): found with the demo graph naming an absent discriminator."""
+    from comfy_dg.demo import demo_prompt
+    prompt = demo_prompt(batch=1, steps=1)
+    prompt["2"]["inputs"]["discriminator_name"] = "absent_probe_dg.safetensors"
+    del prompt["13"]        # the unguided latent's output: every output left needs the discriminator
+    status, body = server.post_prompt(prompt)
+    if status == 400:
+        [(node, err)] = body["node_errors"].items()
+        assert node == "2" and [e["type"] for e in err["errors"]] == ["value_not_in_list"], body
+        return True
+    assert status == 200, body
+    hist = wait_for_history(server, body["prompt_id"], timeout=120)
+    assert hist["status"]["status_str"] == "error"
+    assert "absent_probe_dg.safetensors" in json.dumps(hist["status"]["messages"]), hist["status"]["messages"]
+    return False
 
 
 def wait_for_history(server, prompt_id, timeout):
@@ -142,13 +180,18 @@ def wait_for_history(server, prompt_id, timeout):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_workflow_loads_converts_and_validates_in_the_real_frontend(server, frontend, name):
+def test_workflow_loads_converts_and_validates_in_the_real_frontend(server, frontend, flags_absent_models,
+                                                                   validates_v3_combos, name):
     wf = read_workflow(name)
     frontend.load(wf)
 
-    # Loaded as saved: every node type known, no node flagged, every widget value where the file put it.
+    # Loaded as saved: every node type known, every widget value where the file put it (a model file that is not
+    # installed only where the file's `models` list names it), and no node flagged except, in a frontend that
+    # flags them, exactly the loaders of those absent files.
     check = frontend.js(CHECK_GRAPH_JS)
-    assert check == {"missing": [], "errors": [], "badWidgets": []}, check
+    assert check["missing"] == [] and check["badWidgets"] == [], check
+    assert check["errors"] == (check["absentModels"] if flags_absent_models else []), check
+    assert bool(check["absentModels"]) == bool(declared_models(wf)), check
     assert frontend_errors(frontend) == []
     reloaded = {n["id"]: n for n in frontend.serialize()["nodes"]}
     for node in wf["nodes"]:
@@ -174,8 +217,9 @@ def test_workflow_loads_converts_and_validates_in_the_real_frontend(server, fron
                 assert e["type"] == "value_not_in_list" and info.get("input_name") in MODEL_INPUTS, (node_id, e)
                 assert info["received_value"] in missing, (node_id, e)
                 refused.add(info["received_value"])
-        # ComfyUI 0.3.75 lets a V3 combo (Load Discriminator) through validation; every other file is refused.
-        assert refused == {m for m in missing if not m.endswith("_dg.safetensors")}, refused
+        # Every absent file is refused, but a ComfyUI that lets V3 combos through validation lets Load
+        # Discriminator's through (the node refuses it when it runs: see validates_v3_combos).
+        assert refused == {m for m in missing if validates_v3_combos or not m.endswith("_dg.safetensors")}, refused
         return
 
     # Nothing to download: queued as the Run button queues it, the workflow runs to completion on the CPU.
