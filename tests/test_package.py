@@ -5,7 +5,7 @@ import re
 import sys
 import tomllib
 
-from conftest import REPO
+from conftest import COMFYUI, REPO
 
 # Modules that come with ComfyUI itself (its own code and its requirements): not the pack's to list.
 FROM_COMFYUI = {"torch", "torchvision", "comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths",
@@ -39,7 +39,7 @@ def test_pyproject_has_what_the_comfy_registry_needs():
     assert os.path.isfile(os.path.join(REPO, project["license"]["file"]))
     assert project["urls"]["Repository"].startswith("https://github.com/")
     assert comfy["PublisherId"] and comfy["DisplayName"]
-    assert re.fullmatch(r">=\d+\.\d+\.\d+", comfy["requires-comfyui"])
+    assert re.fullmatch(r">=\d+\.\d+\.\d+,<=\d+\.\d+\.\d+", comfy["requires-comfyui"]), comfy["requires-comfyui"]
     # The icon's URL points into this repository: the file must be here and within the registry's limits.
     icon = comfy["Icon"]
     repo_path = re.sub(r"^https://raw\.githubusercontent\.com/[^/]+/[^/]+/[^/]+/", "", icon)
@@ -139,3 +139,29 @@ def test_the_library_is_loaded_once_with_the_pack(pack):
     assert copies == []
     guide_node = pack["DiscriminatorGuidanceV2"]
     assert sys.modules[guide_node.__module__].guide is comfy_dg.patch.guide
+
+
+def test_the_comfyui_under_test_lies_in_the_stated_range():
+    """requires-comfyui states the range the suite runs on (scripts/test.sh: its lowest and highest ComfyUI):
+    every run checks that its own ComfyUI is inside."""
+    from packaging.specifiers import SpecifierSet
+    with open(os.path.join(COMFYUI, "comfyui_version.py")) as f:
+        version = re.search(r"__version__\s*=\s*[\"']([^\"']+)", f.read()).group(1)
+    spec = pyproject()["tool"]["comfy"]["requires-comfyui"]
+    assert SpecifierSet(spec).contains(version), f"ComfyUI {version} is tested but outside requires-comfyui {spec}"
+
+
+def test_publish_workflow_publishes_version_bumps_with_the_registry_action():
+    import yaml
+    with open(os.path.join(REPO, ".github", "workflows", "publish.yml")) as f:
+        text = f.read()
+    wf = yaml.safe_load(text)
+    on = wf[True] if True in wf else wf["on"]        # YAML 1.1 reads the key `on` as a boolean
+    assert on["push"]["paths"] == ["pyproject.toml"] and on["push"]["branches"] == ["main"]
+    publish = wf["jobs"]["publish-node"]
+    assert "changed == 'true'" in publish["if"]
+    action = publish["steps"][-1]
+    assert action["uses"].startswith("Comfy-Org/publish-node-action@")
+    assert action["with"]["personal_access_token"] == "${{ secrets.REGISTRY_ACCESS_TOKEN }}"
+    # The version check reads [project] version, the field the registry publishes.
+    assert '["project"]["version"]' in text and "HEAD^:pyproject.toml" in text
