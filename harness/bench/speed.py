@@ -19,7 +19,8 @@ configurations; positive/negative conditioning are random context tensors (1, 77
 discriminators (default sizes), each guiding at weight 1 over the whole σ range, every model evaluation:
   standalone      a StandaloneDiscriminator on the latent.
   features        a FeatureHeadDiscriminator trained under the run's negative prompt: its features come from
-                  the sampler's own uncond forward (comfy_dg.shared_forward), plus one backward pass.
+                  the sampler's own uncond forward (the UNet tap's fast path, comfy_dg/taps/unet.py), plus one
+                  backward pass.
   features_2pass  a prompt-independent FeatureHeadDiscriminator: its features take a second pass through the
                   UNet's input and middle blocks (taps.UNetMiddle), plus the backward pass.
 Each run counts the feature tap's own passes, so the table shows which path ran.
