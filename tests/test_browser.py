@@ -153,7 +153,7 @@ def flags_absent_models(frontend):
 def validates_v3_combos(server):
     """Whether this ComfyUI's prompt validation checks a V3 combo's value (newer ones do; older ones let it through
     to the node, which then refuses it when it runs): found with the demo graph naming an absent discriminator."""
-    from comfy_dg.demo import demo_prompt
+    from harness.demo import demo_prompt
     prompt = demo_prompt(batch=1, steps=1)
     prompt["2"]["inputs"]["discriminator_name"] = "absent_probe_dg.safetensors"
     del prompt["13"]        # the unguided latent's output: every output left needs the discriminator

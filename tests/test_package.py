@@ -5,6 +5,8 @@ import re
 import sys
 import tomllib
 
+import pytest
+
 from conftest import COMFYUI, REPO
 
 # Modules that come with ComfyUI itself (its own code and its requirements): not the pack's to list.
@@ -165,3 +167,25 @@ def test_publish_workflow_publishes_version_bumps_with_the_registry_action():
     assert action["with"]["personal_access_token"] == "${{ secrets.REGISTRY_ACCESS_TOKEN }}"
     # The version check reads [project] version, the field the registry publishes.
     assert '["project"]["version"]' in text and "HEAD^:pyproject.toml" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["comfy-dg", "ComfyUI/custom_nodes/comfy-dg", "comfy.dg-v1.2"])
+def test_a_clone_in_any_folder_name_runs_its_tests(tmp_path, where):
+    """The README's own install command makes a folder named `comfy-dg`, which is no Python identifier; pytest
+    must not import the root __init__.py (ComfyUI's entry point) as a test package there, nor under custom_nodes."""
+    import shutil
+    import subprocess
+    clone = tmp_path / where
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for rel in filter(None, listed.decode().split("\0")):
+        if rel.endswith((".jpg", ".png", ".safetensors")) or not os.path.isfile(os.path.join(REPO, rel)):
+            continue
+        (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.join(REPO, rel), clone / rel)
+    env = dict(os.environ, COMFYUI_PATH=COMFYUI)
+    env.pop("PYTHONPATH", None)
+    p = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+                        "tests/test_package.py"], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    assert re.search(r"\b\d+ passed", p.stdout), p.stdout
