@@ -24,8 +24,8 @@ class RankByRealism(io.ComfyNode):
                 io.Int.Input("keep", default=4, min=1, max=4096, tooltip="How many to keep (k), best first."),
                 io.Float.Input("sigma", default=DEFAULT_SIGMA, min=0.0, max=1000.0, step=0.01, round=0.0001,
                                tooltip="The noise level σ the discriminator judges at (clipped to the model's "
-                                       "range). Low σ judges the finished image; 0.1 ranked best on the digits "
-                                       "benchmark."),
+                                       "range). Low σ judges the finished image; on the digits benchmark 0.1 and "
+                                       "0.3 both cut the FD of the kept half by 20–24%."),
                 io.Int.Input("draws", default=4, min=1, max=64,
                              tooltip="Noise draws averaged per sample (more: steadier scores, slower)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
