@@ -13,12 +13,7 @@ def negative_conditioning(model_patcher, conditioning, latent_shape):
     """(context (T, C), y (D,) or None) that the model's network gets for `conditioning` (a CONDITIONING with one
     entry) used as the negative prompt, for latents of shape (C, H, W): built by ComfyUI's own sampler code
     (convert_cond + the model's extra_conds), so it equals what the sampler will hand the network."""
-    if not isinstance(conditioning, list) or len(conditioning) != 1:
-        raise TrainingError("comfy-dg: connect one plain negative prompt (a CONDITIONING with one entry, e.g. "
-                            "straight from CLIP Text Encode) to train the features head under it.")
-    if any(k in conditioning[0][1] for k in _UNSUPPORTED):
-        raise TrainingError("comfy-dg: the negative prompt to train under carries an area, mask, ControlNet, hooks "
-                            "or timestep range; connect the plain CLIP Text Encode output instead.")
+    _check_plain(conditioning, "negative prompt", "to train the features head under it")
     base_model = model_patcher.model
     tap = find_tap(base_model.diffusion_model)
     if tap is None or tap.prompt_dims(base_model) is None:
@@ -40,12 +35,7 @@ def prompt_conds(model_patcher, conditioning, latent_shape):
     apply_model gets for `conditioning` (a CONDITIONING with one entry) used as the positive prompt, for latents
     of shape (C, H, W), built by ComfyUI's own sampler code. The reconstruction objective takes the model's
     denoiser under it."""
-    if not isinstance(conditioning, list) or len(conditioning) != 1:
-        raise TrainingError("comfy-dg: the reconstruction objective needs the prompt you sample with as one plain "
-                            "CONDITIONING entry (e.g. straight from CLIP Text Encode).")
-    if any(k in conditioning[0][1] for k in _UNSUPPORTED):
-        raise TrainingError("comfy-dg: the prompt for the reconstruction objective carries an area, mask, "
-                            "ControlNet, hooks or timestep range; connect the plain CLIP Text Encode output instead.")
+    _check_plain(conditioning, "prompt you sample with", "for the reconstruction objective")
     with torch.inference_mode(False):
         out = {}
         for name, cond in _model_conds(model_patcher.model, conditioning, latent_shape, "positive").items():
@@ -56,6 +46,15 @@ def prompt_conds(model_patcher, conditioning, latent_shape):
             value = value.detach().clone()
             out[name] = value.float() if value.is_floating_point() else value
     return out
+
+
+def _check_plain(conditioning, role, purpose):
+    if not isinstance(conditioning, list) or len(conditioning) != 1:
+        raise TrainingError(f"comfy-dg: connect one plain {role} (a CONDITIONING with one entry, e.g. straight from "
+                            f"CLIP Text Encode) {purpose}.")
+    if any(k in conditioning[0][1] for k in _UNSUPPORTED):
+        raise TrainingError(f"comfy-dg: the {role} {purpose} carries an area, mask, ControlNet, hooks or timestep "
+                            "range; connect the plain CLIP Text Encode output instead.")
 
 
 def _model_conds(base_model, conditioning, latent_shape, kind):

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from .quality import CACHE, REPO, Phase, config_key, disc_config, log, prepare, sample, train_discriminator
+from .quality import Phase, add_pipeline_arguments, config_key, disc_config, log, prepare, sample, train_discriminator
 
 SELECTION_SEED = 100
 INT_FIELDS = ("width", "fakes", "steps", "batch_size")
@@ -56,15 +56,8 @@ def main(argv=None):
     p.add_argument("--levers", default="baseline,sigma_sampling=vp_importance,objective=reconstruction,"
                                        "fakes=20000,width=64,width=256")
     p.add_argument("--weights", default="2,4,6,8")
-    p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--samples", type=int, default=1000)
-    p.add_argument("--model-steps", type=int, default=600)
-    p.add_argument("--fakes", type=int, default=5000)
-    p.add_argument("--disc-steps", type=int, default=3000)
-    p.add_argument("--sampler", default="heun")
-    p.add_argument("--steps", type=int, default=18)
-    p.add_argument("--cache", default=CACHE)
-    p.add_argument("--out", default=os.path.join(REPO, "out", "bench"))
+    add_pipeline_arguments(p)
     p.add_argument("--report-all", action="store_true", help="report every w, not only the chosen one")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)

@@ -82,6 +82,18 @@ def sample(model, n, seed, sampler, steps, batch=500):
     return torch.cat(out).clamp(-1, 1)
 
 
+def add_pipeline_arguments(p):
+    """The options of the pipeline that levers.py and rank.py share with this benchmark (same defaults)."""
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--model-steps", type=int, default=600)
+    p.add_argument("--fakes", type=int, default=5000)
+    p.add_argument("--disc-steps", type=int, default=3000)
+    p.add_argument("--sampler", default="heun")
+    p.add_argument("--steps", type=int, default=18)
+    p.add_argument("--cache", default=CACHE)
+    p.add_argument("--out", default=os.path.join(REPO, "out", "bench"))
+
+
 def disc_config(arch, disc_steps, **levers):
     """The benchmark's training settings for `arch`; `levers` override TrainConfig fields (its defaults are the
     pack's). Digits have a handedness: no flips; shifts of up to one pixel."""

@@ -16,7 +16,7 @@ import statistics
 import time
 
 from .levers import SELECTION_SEED, halves
-from .quality import CACHE, REPO, Phase, config_key, disc_config, log, prepare, sample, train_discriminator
+from .quality import Phase, add_pipeline_arguments, config_key, disc_config, log, prepare, sample, train_discriminator
 
 
 def main(argv=None):
@@ -32,14 +32,7 @@ def main(argv=None):
     p.add_argument("--sigmas", default="0.03,0.1,0.3,1")
     p.add_argument("--draws", type=int, default=4)
     p.add_argument("--weight", type=float, default=0.0, help="DG weight of the pool's sampling (0: unguided)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--model-steps", type=int, default=600)
-    p.add_argument("--fakes", type=int, default=5000)
-    p.add_argument("--disc-steps", type=int, default=3000)
-    p.add_argument("--sampler", default="heun")
-    p.add_argument("--steps", type=int, default=18)
-    p.add_argument("--cache", default=CACHE)
-    p.add_argument("--out", default=os.path.join(REPO, "out", "bench"))
+    add_pipeline_arguments(p)
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     t_start = time.perf_counter()
