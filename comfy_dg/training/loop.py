@@ -13,7 +13,6 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .. import identity
 from ..discriminators import DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator
@@ -248,7 +247,7 @@ class Trainer:
                 loss = guided.mean()
             else:
                 logit = self.net(self._inputs(x0, sigma, eps), sigma, classes)
-                loss = F.binary_cross_entropy_with_logits(logit, labels)
+                loss = objectives.bce(logit, labels)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.net is self.disc and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -288,7 +287,7 @@ class Trainer:
                                           sigma[i:i + 256].to(d), None if classes is None else classes[i:i + 256])
                                 for i in range(0, len(x0), 256)]).float().cpu()
             correct = ((logits > 0).float() == labels).float()
-            bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+            bce = objectives.bce(logits, labels, reduction="none")
             nr = len(self.real_val)
             # Balanced: real and fake count alike, however many of each are held out (training batches are
             # balanced too, so this is the quantity the discriminator is trained on).
