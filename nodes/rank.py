@@ -17,7 +17,8 @@ class RankByRealism(io.ComfyNode):
             description="Scores a batch of images or latents with a discriminator (log r = log(d/(1−d)) at one low "
                         "noise level σ, averaged over a few noise draws from a fixed seed), sorts them best first "
                         "and keeps the best k. The node shows every image with its score; the kept ones are framed. "
-                        "A cheap way to keep the best of a batch.",
+                        "A cheap way to keep the best of an unguided (or lightly guided) batch; on batches guided "
+                        "strongly by the same discriminator it measured worse.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model the discriminator was trained for."),
                 Discriminator.Input("discriminator", tooltip="From Load Discriminator or Train Discriminator (DG)."),
@@ -25,7 +26,7 @@ class RankByRealism(io.ComfyNode):
                 io.Float.Input("sigma", default=DEFAULT_SIGMA, min=0.0, max=1000.0, step=0.01, round=0.0001,
                                tooltip="The noise level σ the discriminator judges at (clipped to the model's "
                                        "range). Low σ judges the finished image; on the digits benchmark 0.1 and "
-                                       "0.3 both cut the FD of the kept half by 20–24%."),
+                                       "0.3 both cut the FD of the kept half of unguided samples by 20–24%."),
                 io.Int.Input("draws", default=4, min=1, max=64,
                              tooltip="Noise draws averaged per sample (more: steadier scores, slower)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
