@@ -34,6 +34,9 @@ import folder_paths  # noqa: E402
 
 from .nodes import DiscriminatorGuidanceExtension  # noqa: E402
 
+# web/docs/<node id>.md: each node's help page, which the frontend fetches from /extensions/<pack folder>/docs/.
+WEB_DIRECTORY = "./web"
+
 # models/discriminators, also reachable from extra_model_paths.yaml as `discriminators:`. Pickle suffixes are
 # listed so that choosing one gives the loader's explanation instead of a silently missing file.
 folder_paths.add_model_folder_path("discriminators", os.path.join(folder_paths.models_dir, "discriminators"),

@@ -66,7 +66,8 @@ TRAINING = _table(
     Option("eval_every", int, 100, min=1, max=100000,
            help="Steps between held-out evaluations (and, on the command line, saved training states)."),
     Option("patience", int, 5, min=0, max=1000,
-           help="Stop after this many evaluations without a better held-out BCE (0: never)."),
+           help="Stop after this many evaluations without a better held-out score (BCE; the reconstruction error for "
+                "that objective) (0: never)."),
     Option("augment", bool, True, help="Random flips and small shifts (kornia), alike for real and fake."),
     Option("flip", bool, True, help="Augmentation: random horizontal flips (off for data with a handedness, such "
                                     "as text or digits)."),
@@ -78,6 +79,14 @@ TRAINING = _table(
            help="Lowest σ trained (0: the model's own)."),
     Option("sigma_max", float, None, none_is=0.0, min=0.0, max=1e4, step=0.001,
            help="Highest σ trained (0: the model's own)."),
+    Option("sigma_sampling", str, "model", choices=("model", "vp_importance"),
+           help="How training draws noise levels. model: t uniform over the model's own timesteps (log-uniform σ for "
+                "EDM models). vp_importance: the paper's VP importance sampling, log-uniform in σ/α between 0.001 "
+                "and 152, mapped onto the model by signal-to-noise ratio and clipped to its σ range."),
+    Option("objective", str, "bce", choices=("bce", "reconstruction"),
+           help="bce: the paper's cross-entropy, real vs fake. reconstruction: log r is trained so that the guided "
+                "denoiser (w = 1) reconstructs the real latents (after Verine et al., arXiv 2503.16117); needs the "
+                "prompt you sample with, ignores the fakes, about twice as slow per step."),
     Option("sigma_bands", int, 4, min=1, max=32, help="σ bands of the held-out report and plot."),
     Option("label_dropout", float, 0.1, min=0.0, max=1.0, step=0.01,
            help="Class-conditional only: share of labels replaced by 'no label', so that the discriminator also "

@@ -17,11 +17,11 @@ ALPHA_MIN = 0.05
 _PROBE_SIGMAS = (0.03, 0.3, 0.7, 3.0, 30.0)
 
 
-def alpha(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
-    """α(σ) per sample, floored at ALPHA_MIN: 1 for EPS, V_PREDICTION, EDM and X0 models, 1 − σ for flow."""
+def alpha(model_sampling, sigma: torch.Tensor, floor: float = ALPHA_MIN) -> torch.Tensor:
+    """α(σ) per sample, floored at `floor`: 1 for EPS, V_PREDICTION, EDM and X0 models, 1 − σ for flow."""
     sigma = sigma.reshape(-1)
     ones = torch.ones_like(sigma).reshape(-1, 1)
-    return model_sampling.noise_scaling(sigma, torch.zeros_like(ones), ones).reshape(-1).clamp_min(ALPHA_MIN)
+    return model_sampling.noise_scaling(sigma, torch.zeros_like(ones), ones).reshape(-1).clamp_min(floor)
 
 
 def check_supported(model_sampling):

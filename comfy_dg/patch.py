@@ -119,9 +119,7 @@ class GuidancePatch:
 
     def _own_pass(self, base_model, x, sigma):
         """(log r, ∇ₓ log r) from the discriminator's own forward pass."""
-        d = self.discriminator
-        bind = getattr(d, "bind", None)
-        fn = bind(base_model, self.labels(len(x), x.device)) if callable(bind) else d
+        fn = bound(self.discriminator, base_model, self.labels(len(x), x.device))
         ms = base_model.model_sampling
         with torch.inference_mode(False), torch.enable_grad():
             xg = dg.leaf(x)
@@ -183,6 +181,27 @@ class GuidancePatch:
         return out
 
 
+def bound(discriminator, base_model, labels=None):
+    """callable(x_in, σ) -> logit: the pack's discriminators bind to the model (the features one needs its network)
+    and to the class labels; any other module is used as it is."""
+    bind = getattr(discriminator, "bind", None)
+    return bind(base_model, labels) if callable(bind) else discriminator
+
+
+def check_discriminator(base_model, discriminator, class_label):
+    """Refuse a discriminator trained for another kind of model, or a class_label it does not know."""
+    classes = getattr(getattr(discriminator, "info", None), "num_classes", 0)
+    if class_label >= 0 and not classes:
+        raise OptionError(f"comfy-dg: class_label {class_label} was given but the discriminator is not "
+                          "class-conditional; set class_label to -1.")
+    if class_label >= classes > 0:
+        raise OptionError(f"comfy-dg: class_label {class_label} is out of range: the discriminator knows classes "
+                          f"0..{classes - 1}.")
+    fits = getattr(discriminator, "check_compatible", None)
+    if callable(fits):
+        fits(base_model)
+
+
 def guide(model, discriminator, weight: float = GUIDANCE["weight"].default,
           start_percent: float = GUIDANCE["start_percent"].default,
           end_percent: float = GUIDANCE["end_percent"].default,
@@ -207,18 +226,9 @@ def guide(model, discriminator, weight: float = GUIDANCE["weight"].default,
     if start_percent > end_percent:
         raise OptionError(f"comfy-dg: start_percent ({start_percent}) is after end_percent ({end_percent}); the "
                           "window runs from start_percent (noisy) to end_percent (clean): swap them.")
-    classes = getattr(getattr(discriminator, "info", None), "num_classes", 0)
-    if class_label >= 0 and not classes:
-        raise OptionError(f"comfy-dg: class_label {class_label} was given but the discriminator is not "
-                          "class-conditional; set class_label to -1.")
-    if class_label >= classes > 0:
-        raise OptionError(f"comfy-dg: class_label {class_label} is out of range: the discriminator knows classes "
-                          f"0..{classes - 1}.")
     parameterization.check_supported(model.model.model_sampling)
-    fits = getattr(discriminator, "check_compatible", None)
-    if callable(fits):
-        fits(model.model)
-    if getattr(discriminator, "tap_class", None) is not None:   # a features head: its gradient runs through the network
+    check_discriminator(model.model, discriminator, class_label)
+    if getattr(discriminator, "tap_class", None) is not None:   # a features head: a gradient through the network
         refuse_dynamic_vram(model, "Discriminator Guidance with a features discriminator")
     patch = GuidancePatch(discriminator, options)
     m = model.clone()

@@ -33,3 +33,37 @@ def side_by_side(panels, columns: int = 0) -> np.ndarray:
         draw.text((x + 2, 3), str(label), fill=(0, 0, 0))
         x += g.shape[1] + gap
     return np.array(canvas)
+
+
+def scored_grid(images: torch.Tensor, scores, kept: int, columns: int = 0, min_cell: int = 64) -> np.ndarray:
+    """Images (B, H, W, 3) in [0, 1], already sorted best first, each with its score written under it; the first
+    `kept` framed in green, the rest dimmed. One uint8 picture."""
+    from PIL import Image, ImageDraw
+    b, h, w, _ = images.shape
+    scale = max(1, -(-min_cell // max(1, min(h, w))))        # small images (latent-size digits) are enlarged
+    cols = columns or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    cw, ch, pad, text_h = w * scale, h * scale, 4, 14
+    canvas = Image.new("RGB", (cols * (cw + pad) + pad, rows * (ch + text_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    pixels = (images.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    for k in range(b):
+        r, c = divmod(k, cols)
+        x, y = pad + c * (cw + pad), pad + r * (ch + text_h + pad)
+        tile_img = Image.fromarray(pixels[k]).resize((cw, ch), Image.Resampling.NEAREST)
+        if k >= kept:
+            tile_img = Image.blend(tile_img, Image.new("RGB", tile_img.size, (255, 255, 255)), 0.6)
+        canvas.paste(tile_img, (x, y))
+        if k < kept:
+            draw.rectangle([x - 2, y - 2, x + cw + 1, y + ch + 1], outline=(0, 170, 0), width=2)
+        draw.text((x + 1, y + ch + 1), f"#{k + 1} {float(scores[k]):+.2f}", fill=(0, 0, 0) if k < kept else (140, 140, 140))
+    return np.array(canvas)
+
+
+def latent_preview(latents: torch.Tensor) -> torch.Tensor:
+    """A crude picture of latents without a VAE: (B, H, W, 3) in [0, 1] from the first three channels (or the
+    first, in gray), scaled by the batch's own range. For the demo's pixel-space digits it is the digits."""
+    x = latents.detach().float().cpu()
+    x = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
+    lo, hi = float(x.min()), float(x.max())
+    return ((x - lo) / max(hi - lo, 1e-8)).movedim(1, -1).contiguous()

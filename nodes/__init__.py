@@ -6,6 +6,7 @@ from .compare import ComparisonGrid
 from .demo import DecodeDigits, LoadDemoModel
 from .guide import DiscriminatorGuidance, DiscriminatorGuidanceV1
 from .load import LoadDiscriminator
+from .rank import RankByRealism
 from .sampler import DGHeunBoosted
 from .train import CombineLatents, EncodeRealImages, SampleFakeLatents, TrainDiscriminator
 
@@ -14,5 +15,5 @@ class DiscriminatorGuidanceExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadDiscriminator, DiscriminatorGuidance, EncodeRealImages, SampleFakeLatents, CombineLatents,
-                TrainDiscriminator, ComparisonGrid, LoadDemoModel, DecodeDigits, DGHeunBoosted,
+                TrainDiscriminator, ComparisonGrid, RankByRealism, LoadDemoModel, DecodeDigits, DGHeunBoosted,
                 DiscriminatorGuidanceV1]

@@ -11,10 +11,10 @@ from comfy_api.latest import io, ui
 from comfy_dg.errors import DataError
 from comfy_dg.files import save_discriminator
 from comfy_dg.options import TRAINING, from_widget
-from comfy_dg.training.conditioning import negative_conditioning
+from comfy_dg.training.conditioning import negative_conditioning, prompt_conds
 from comfy_dg.training.data import encode_folder, folder_labels, list_images, sample_fakes
 from comfy_dg.training.loop import TrainConfig, Trainer
-from comfy_dg.training.plot import plot_history
+from comfy_dg.training.plot import plot_history, plot_preview
 from .load import FOLDER
 from .options import widgets
 from .types import Discriminator
@@ -175,7 +175,8 @@ class TrainDiscriminator(io.ComfyNode):
             description="Trains a discriminator for this model on real latents (label 1) and the model's own "
                         "samples (label 0), noised as the model noises them, keeps the checkpoint with the best "
                         "held-out BCE, and saves it in models/discriminators (the old file, if any, stays intact "
-                        "until the new one is complete). Outputs it, and a plot of held-out accuracy and BCE per σ band.",
+                        "until the new one is complete). Outputs it, and a plot of held-out accuracy and BCE per σ "
+                        "band, which is also shown live on the node while it trains.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model the discriminator is for (kept frozen)."),
                 io.Latent.Input("real_latents", tooltip="From Encode Real Images (DG), or VAE Encode."),
@@ -192,7 +193,10 @@ class TrainDiscriminator(io.ComfyNode):
                                               "guiding)."),
                 # The rest of the training options, set less often.
                 *widgets(TRAINING, "flip", "translate", "width", "sigma_min", "sigma_max", "sigma_bands",
-                         "label_dropout", optional=True),
+                         "label_dropout", "sigma_sampling", "objective", optional=True),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="The prompt you sample with. Needed by the reconstruction objective, "
+                                              "which compares the model's denoiser under it with the real images."),
             ],
             outputs=[Discriminator.Output(tooltip="The trained discriminator (also saved), for Discriminator "
                                                   "Guidance."),
@@ -202,18 +206,25 @@ class TrainDiscriminator(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, real_latents, fake_latents, filename, negative=None, **options) -> io.NodeOutput:
+    def execute(cls, model, real_latents, fake_latents, filename, negative=None, positive=None,
+                **options) -> io.NodeOutput:
         path = output_path(filename)
         config = TrainConfig(**{k: from_widget(TRAINING[k], v) for k, v in options.items()}).validate()
+        shape = tuple(real_latents["samples"].shape[1:])
         conditioning = None
         if negative is not None and config.architecture == "features":
-            conditioning = negative_conditioning(model, negative, tuple(real_latents["samples"].shape[1:]))
+            conditioning = negative_conditioning(model, negative, shape)
+        prompt = prompt_conds(model, positive, shape) if positive is not None and config.objective == "reconstruction" \
+            else None
         trainer = Trainer(model, real_latents["samples"], fake_latents["samples"], config,
                           real_labels=real_latents.get("dg_labels"), fake_labels=fake_latents.get("dg_labels"),
-                          conditioning=conditioning)
+                          conditioning=conditioning, prompt=prompt)
         bar = comfy.utils.ProgressBar(config.steps)
-        disc = trainer.run(on_step=lambda step, loss, record: bar.update_absolute(step, config.steps),
-                           should_stop=interrupted)
+
+        def on_step(step, loss, record):
+            # Each held-out evaluation redraws the plot, shown live on the node as its progress preview.
+            bar.update_absolute(step, config.steps, plot_preview(trainer.history) if record is not None else None)
+        disc = trainer.run(on_step=on_step, should_stop=interrupted)
         save_discriminator(disc, path)
         plot = torch.from_numpy(plot_history(trainer.history)).float().div(255.0)[None]
         # The plot shows on the node itself, as a preview does.

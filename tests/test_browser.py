@@ -269,8 +269,9 @@ def test_the_checks_catch_a_broken_workflow(frontend):
 def test_every_node_is_described_with_tooltips_and_consistent_names(server):
     info = server.get("/object_info")
     ours = {k: v for k, v in info.items() if "comfy-dg" in v.get("python_module", "")}
-    # Nine nodes, the boosting sampler, and the first guidance node kept (deprecated) for old workflows.
-    assert len(ours) == 11, sorted(ours)
+    # Ten nodes (Rank by Realism the tenth), the boosting sampler, and the first guidance node kept (deprecated)
+    # for old workflows.
+    assert len(ours) == 12, sorted(ours)
     assert ours["DiscriminatorGuidance"].get("deprecated") and not ours["DiscriminatorGuidanceV2"].get("deprecated")
     for node_id, d in ours.items():
         assert len(d["description"]) > 40, node_id
@@ -283,3 +284,22 @@ def test_every_node_is_described_with_tooltips_and_consistent_names(server):
         assert len(d["output_tooltips"]) == len(d["output"]) and all(d["output_tooltips"]), (node_id, d["output_tooltips"])
     # Node definitions reach the frontend with the same text.
     assert len({d["display_name"] for d in ours.values()}) == len(ours)
+
+
+def test_a_nodes_help_page_opens_in_the_frontend(frontend):
+    """Select Discriminator Guidance in the demo workflow, press the selection toolbox's info button: the side
+    panel shows the pack's own help page (web/docs/<node id>.md), not the one-line description."""
+    frontend.load(read_workflow("6_cpu_demo_digits"))
+    frontend.js("""() => {
+        const node = app.graph._nodes.find(n => n.type.startsWith('DiscriminatorGuidance'));
+        app.canvas.deselectAll(); app.canvas.selectNode(node); app.canvas.setDirty(true, true);
+    }""")
+    frontend.page.locator("[data-testid=info-button]").first.click(timeout=30_000)
+    marker = "Every guided model evaluation becomes"      # a sentence of the help page only
+    frontend.page.get_by_text(marker).first.wait_for(timeout=30_000)
+    assert frontend.page.get_by_role("heading", name="Inputs").first.is_visible()
+    shot = os.path.join(ARTIFACTS, "node_help.png")
+    frontend.page.screenshot(path=shot)
+    if UPDATE_DOCS:
+        os.makedirs(DOCS, exist_ok=True)
+        shutil.copy(shot, DOCS)

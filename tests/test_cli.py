@@ -355,3 +355,21 @@ def test_under_negative_stores_the_negative_and_refuses_standalone(tiny_ckpt, la
     assert context.shape[0] >= 1 and y is None
     assert cli.main(argv[:-1] + ["--architecture", "standalone", "--under-negative"]) == 2
     assert "--under-negative is for --architecture features" in capsys.readouterr().err
+
+
+def test_training_levers_from_the_command_line(tiny_ckpt, latents, tmp_path, capsys):
+    """--sigma-sampling and --objective come from the TRAINING table; the reconstruction objective takes the
+    denoiser under --prompt (a small checkpoint: its null prompt) and stops on its held-out error."""
+    real, fake = latents
+    out = tmp_path / "d.safetensors"
+    argv = ["--checkpoint", tiny_ckpt, "--real-latents", real, "--fake-latents", fake, "--out", str(out),
+            "--steps", "2", "--eval-every", "1", "--batch-size", "8", "--threads", "1",
+            "--sigma-sampling", "vp_importance", "--objective", "reconstruction", "--architecture", "standalone"]
+    assert cli.main(argv) == 0
+    training = load_discriminator(str(out)).info.training
+    assert training["config"]["sigma_sampling"] == "vp_importance"
+    assert training["config"]["objective"] == "reconstruction"
+    assert "heldout_recon_gain" in training
+    with pytest.raises(SystemExit) as refused:         # argparse's own refusal of a value outside the choices
+        cli.main(argv[:-6] + ["--objective", "hinge"])
+    assert refused.value.code == 2 and "invalid choice: 'hinge'" in capsys.readouterr().err

@@ -195,3 +195,125 @@ def test_training_graph_runs_end_to_end(server):
     assert "trained_in_graph.safetensors" in (spec[1]["options"] if spec[0] == "COMBO" else spec[0])
     cache = os.path.join(server.base, "user", "comfy-dg", "cache")
     assert sorted(f.split("-")[0] for f in os.listdir(cache)) == ["fake", "real"]
+
+
+def run_watching_previews(server, prompt, metadata):
+    """Queue `prompt` over a websocket client as the frontend does and collect the binary preview messages sent
+    while it runs: [(node id or None, PIL image)]. `metadata`: the client declares supports_preview_metadata (the
+    current frontend does), so previews come with their node id."""
+    import asyncio
+    import io as _io
+    import json
+    import struct
+    import uuid
+
+    import aiohttp
+    from PIL import Image
+
+    cid = uuid.uuid4().hex
+
+    async def go():
+        previews = []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{server.url}/ws?clientId={cid}") as ws:
+                if metadata:
+                    await ws.send_json({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+                async with session.post(server.url + "/prompt", json={"prompt": prompt, "client_id": cid}) as r:
+                    assert r.status == 200, await r.text()
+                    pid = (await r.json())["prompt_id"]
+                while True:
+                    msg = await ws.receive(timeout=600)
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        data = bytes(msg.data)
+                        (event,) = struct.unpack(">I", data[:4])
+                        if event == 1:          # PREVIEW_IMAGE: image type, then the image
+                            previews.append((None, Image.open(_io.BytesIO(data[8:]))))
+                        elif event == 4:        # PREVIEW_IMAGE_WITH_METADATA: JSON length, JSON, image
+                            (n,) = struct.unpack(">I", data[4:8])
+                            meta = json.loads(data[8:8 + n])
+                            previews.append((meta["node_id"], Image.open(_io.BytesIO(data[8 + n:]))))
+                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                        m = json.loads(msg.data)
+                        if m["type"] == "execution_error":
+                            raise AssertionError(m["data"])
+                        if m["type"] == "executing" and m["data"].get("node") is None \
+                                and m["data"].get("prompt_id") == pid:
+                            return previews
+                    else:
+                        raise AssertionError(f"websocket closed: {msg}")
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("metadata", [True, False])
+def test_training_shows_its_heldout_plot_live_on_the_node(server, metadata):
+    g = training_graph(f"live_{metadata}", steps=40)
+    g = {k: v for k, v in g.items() if k in ("1", "2", "3", "4", "5")}
+    previews = run_watching_previews(server, g, metadata)
+    # One preview per held-out evaluation (steps 10, 20, 30, 40), each a plot of accuracy and BCE.
+    plots = [(node, im) for node, im in previews if node in ("5", None)]
+    assert len(plots) == 4, [(n, im.size) for n, im in previews]
+    for node, im in plots:
+        assert im.format == "PNG" and max(im.size) <= 768 and im.size[0] > im.size[1]
+        assert sum(1 for n in im.convert("L").histogram() if n) > 20, "the preview is not a plot"
+    # The plots differ as training moves on.
+    assert plots[0][1].tobytes() != plots[-1][1].tobytes()
+
+
+PACK_NODES = ["LoadDiscriminator", "DiscriminatorGuidanceV2", "DiscriminatorGuidance", "DGEncodeRealImages",
+              "DGSampleFakeLatents", "DGCombineLatents", "DGTrainDiscriminator", "DGComparisonGrid", "DGRankByRealism",
+              "DGLoadDemoModel", "DGDecodeDigits", "DGSamplerHeunBoosted"]
+
+
+def test_every_node_has_a_help_page_where_the_frontend_looks(server):
+    import urllib.request
+    info = server.get("/object_info")
+    ours = sorted(k for k, v in info.items() if v["python_module"].split(".")[:2] == ["custom_nodes", "comfy-dg"])
+    assert ours == sorted(PACK_NODES)
+    for name in ours:
+        # The frontend's NodeHelpService: /extensions/<pack folder>/docs/<node id>/<locale>.md, then <node id>.md.
+        pack = info[name]["python_module"].split(".")[1].split("@")[0]
+        with urllib.request.urlopen(f"{server.url}/extensions/{pack}/docs/{name}.md", timeout=30) as r:
+            text = r.read().decode()
+        assert text.startswith(f"# {info[name]['display_name']}\n"), name
+        for key in info[name]["input"].get("required", {}) | info[name]["input"].get("optional", {}):
+            assert f"**{key}**" in text, f"{name}'s help page does not explain '{key}'"
+    # The pack's web folder holds no script, so the frontend loads no extension code from it.
+    assert not [e for e in server.get("/extensions") if "/comfy-dg/" in e]
+
+
+def rank_graph(source, keep=3):
+    return {
+        "1": {"class_type": "DGTestTinyModel", "inputs": {"seed": 0, "model_type": "EPS", "family": "SD15"}},
+        "2": {"class_type": "LoadDiscriminator", "inputs": {"discriminator_name": "sub/features.safetensors"}},
+        "3": {"class_type": "DGTestTinyVAE", "inputs": {"seed": 0}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 6}},
+        "5": {"class_type": "KSampler",
+              "inputs": {"model": ["1", 0], "seed": 3, "steps": 3, "cfg": 3.0, "sampler_name": "euler",
+                         "scheduler": "normal", "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["4", 0],
+                         "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["3", 0]}},
+        "7": {"class_type": "DGRankByRealism",
+              "inputs": {"model": ["1", 0], "discriminator": ["2", 0], "keep": keep, "sigma": 0.1, "draws": 2,
+                         "seed": 0, "vae": ["3", 0], **({"latent": ["5", 0]} if source == "latent" else
+                                                        {"images": ["6", 0]})}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": f"ranked_{source}"}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["7", 1]}},
+    }
+
+
+@pytest.mark.parametrize("source", ["latent", "images"])
+def test_rank_by_realism_keeps_the_best_and_shows_the_scores(server, source):
+    hist = server.run(rank_graph(source))
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    kept = saved_latent(server, hist, node="8")
+    assert kept.shape == (3, 4, 8, 8)
+    assert len(hist["outputs"]["9"]["images"]) == 3
+    assert hist["outputs"]["7"]["images"], "the scored grid is not shown on the node"
+
+
+def test_rank_by_realism_wants_exactly_one_batch(server):
+    g = rank_graph("latent")
+    g["7"]["inputs"]["images"] = ["6", 0]
+    hist = server.run(g)
+    assert hist["status"]["status_str"] == "error"
+    assert "exactly one" in str(hist["status"]["messages"])

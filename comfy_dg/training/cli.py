@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fake-latents", metavar="FILE", help="fake latents instead of sampling them (as --real-latents)")
     g.add_argument("--fakes", type=int, default=None, help="how many fakes to sample (default: as many as reals)")
     g.add_argument("--fake-batch", type=int, default=4, help="fakes sampled at once")
-    g.add_argument("--prompt", default="", help="positive prompt for the fakes")
+    g.add_argument("--prompt", default="", help="positive prompt for the fakes (and the prompt --objective "
+                                                         "reconstruction takes the denoiser under)")
     g.add_argument("--negative", default="", help="negative prompt for the fakes")
     g.add_argument("--under-negative", action="store_true",
                    help="features only (UNets): take the features under --negative, as the sampler's uncond pass "
@@ -309,6 +310,22 @@ def under_negative(a, model, clip, small, latent_shape):
     return negative_conditioning(model, negative, latent_shape)
 
 
+def sampling_prompt(a, model, clip, small, latent_shape):
+    """--objective reconstruction: the model's inputs for --prompt (conditioning.prompt_conds), or None."""
+    if a.objective != "reconstruction":
+        return None
+    from .conditioning import prompt_conds
+    if small:
+        from ..small_models import null_conditioning
+        positive = null_conditioning(model)[0]      # small models have no text encoder: their fakes' positive
+    elif clip is None:
+        raise CLIError(f"comfy-dg: '{a.checkpoint}' has no text encoder to encode --prompt for the reconstruction "
+                       "objective")
+    else:
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(a.prompt))
+    return prompt_conds(model, positive, latent_shape)
+
+
 def prepare_data(a, model, clip, vae, small, cache):
     """(real, fake, provenance) on rank 0: encoded or read, sampled or read; caches in `cache`."""
     from .data import encode_folder, list_images, sample_fakes
@@ -480,9 +497,11 @@ def train(a, procs, run):
     real, fake, provenance = shared_data(procs, a, model, clip, vae, small, a.cache)
     config = train_config(a)
     trainer = Trainer(model, real, fake, config, rank=procs.rank, world_size=procs.world,
-                      conditioning=under_negative(a, model, clip, small, tuple(real.shape[1:])))
+                      conditioning=under_negative(a, model, clip, small, tuple(real.shape[1:])),
+                      prompt=sampling_prompt(a, model, clip, small, tuple(real.shape[1:])))
     identity = {"config": dataclasses.asdict(config), "data": _digest(real, fake),
-                "model": model_fingerprint(model), "under_negative": a.negative if a.under_negative else None}
+                "model": model_fingerprint(model), "under_negative": a.negative if a.under_negative else None,
+                **({"prompt": a.prompt} if a.objective == "reconstruction" else {})}
     run.saved_step = resume(procs, a, trainer, identity, path)
     if procs.main:
         say(f"training a {config.architecture} discriminator on {len(trainer.real)} real / {len(trainer.fake)} fake "

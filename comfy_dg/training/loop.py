@@ -1,4 +1,5 @@
-"""The training loop: BCE between noised real latents (label 1) and noised model samples (label 0).
+"""The training loop: BCE between noised real latents (label 1) and noised model samples (label 0), or the
+reconstruction objective on the real latents alone (objectives.py).
 
 x0 = process_latent_in(latent); σ from the model's own schedule; x_σ = noise_scaling(σ, ε, x0); the
 discriminator sees calculate_input(σ, x_σ), exactly what it will see while guiding. For the features
@@ -12,14 +13,15 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .. import identity
 from ..discriminators import DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator
+from ..dg import LOGIT_MAX
 from ..errors import TrainingError
 from ..options import TRAINING, check
 from ..taps import find_tap
-from . import noise
+from ..tensors import frozen
+from . import noise, objectives
 from .augment import LatentAugment
 
 
@@ -79,12 +81,18 @@ def _split(n, fraction, generator):
 class Trainer:
     """Trains one discriminator for `model_patcher` on real and fake latents (N, C, H, W), as the VAE or the
     sampler returns them (the model's process_latent_in is applied here). With class labels (N,) for both,
-    the discriminator is class-conditional."""
+    the discriminator is class-conditional. The reconstruction objective needs `prompt`: the model's inputs for
+    the prompt it samples with (conditioning.prompt_conds), under which its denoiser is taken."""
 
     def __init__(self, model_patcher, real, fake, config: TrainConfig, rank: int = 0, world_size: int = 1,
-                 real_labels=None, fake_labels=None, device=None, conditioning=None):
+                 real_labels=None, fake_labels=None, device=None, conditioning=None, prompt=None):
         self.config = config.validate()
         self.model = model_patcher.model
+        if config.objective == "reconstruction" and prompt is None:
+            raise TrainingError("comfy-dg: the reconstruction objective compares the guided denoiser with real data "
+                                "under the prompt you sample with: give that prompt (the trainer's 'positive' "
+                                "input, or --prompt), or use the bce objective.")
+        self.prompt = prompt
         # features only: (context, y) to take the features under (conditioning.negative_conditioning); None:
         # prompt-independent features.
         self.conditioning = conditioning
@@ -129,7 +137,9 @@ class Trainer:
             import comfy.model_management
             comfy.model_management.load_models_gpu([model_patcher])
         self.net = self.disc
-        if world_size > 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        # The reconstruction objective's second-order backward goes around DDP; its gradients are averaged by hand.
+        if config.objective == "bce" and (world_size > 1 or (torch.distributed.is_available()
+                                                             and torch.distributed.is_initialized())):
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.disc, device_ids=ids)
         with torch.inference_mode(False):
@@ -188,7 +198,7 @@ class Trainer:
         labels = torch.cat([torch.ones(half), torch.zeros(half)])
         if self.augment is not None:
             x0 = self.augment(x0, _seed(c.seed, step, 1))
-        sigma = noise.sample_sigmas(self.ms, self.t_range, c.batch_size, g)
+        sigma = noise.sample_sigmas(self.ms, self.t_range, c.batch_size, g, c.sigma_sampling)
         eps = torch.randn(x0.shape, generator=g)
         classes = None
         if self.num_classes:
@@ -200,17 +210,59 @@ class Trainer:
         return (x0[rows].to(d), sigma[rows].to(d), eps[rows].to(d), labels[rows].to(d),
                 None if classes is None else classes[rows].to(d))
 
+    def _log_ratio(self, sigma, classes):
+        """x (sampler space) -> logit, differentiable in x: through calculate_input and, for the features
+        architecture, the frozen network's tap."""
+        def log_ratio(x):
+            x_in = self.ms.calculate_input(sigma, x)
+            if self.tap is None:
+                return self.net(x_in, sigma, classes)
+            with frozen(self.model.diffusion_model):
+                features = self.tap.features(self.model, x_in, sigma, self.disc.conditioning).float()
+            return self.net(features, sigma, classes)
+        return log_ratio
+
+    def _denoised(self, x, sigma):
+        """The model's own denoiser D(x, σ) under the prompt it samples with (cfg 1)."""
+        import comfy.utils
+        kwargs = {k: comfy.utils.repeat_to_batch_size(v, len(x)).to(x.device) for k, v in self.prompt.items()}
+        with frozen(self.model.diffusion_model):
+            return self.model.apply_model(x, sigma, **kwargs)
+
+    def _reconstruction(self, x0, sigma, eps, classes, create_graph):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        # The fused attention kernels have no second derivative; the math one has.
+        with sdpa_kernel(SDPBackend.MATH):
+            return objectives.reconstruction_errors(self.ms, x0, sigma, eps, self._log_ratio(sigma, classes),
+                                                    self._denoised, LOGIT_MAX, create_graph)
+
     def train_step(self):
         with torch.inference_mode(False), torch.enable_grad():
             x0, sigma, eps, labels, classes = self._batch(self.step)
             self.disc.train()
-            logit = self.net(self._inputs(x0, sigma, eps), sigma, classes)
-            loss = F.binary_cross_entropy_with_logits(logit, labels)
+            if self.config.objective == "reconstruction":
+                real = labels > 0.5          # fakes play no part in this objective
+                guided, _ = self._reconstruction(x0[real], sigma[real], eps[real],
+                                                 None if classes is None else classes[real], create_graph=True)
+                loss = guided.mean()
+            else:
+                logit = self.net(self._inputs(x0, sigma, eps), sigma, classes)
+                loss = objectives.bce(logit, labels)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            if self.net is self.disc and torch.distributed.is_available() and torch.distributed.is_initialized():
+                self._average_gradients()
             self.opt.step()
         self.step += 1
         return float(loss.detach())
+
+    def _average_gradients(self):
+        import torch.distributed as dist
+        for p in self.disc.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
 
     # --- held-out evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -235,27 +287,50 @@ class Trainer:
                                           sigma[i:i + 256].to(d), None if classes is None else classes[i:i + 256])
                                 for i in range(0, len(x0), 256)]).float().cpu()
             correct = ((logits > 0).float() == labels).float()
-            bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+            bce = objectives.bce(logits, labels, reduction="none")
             nr = len(self.real_val)
             # Balanced: real and fake count alike, however many of each are held out (training batches are
             # balanced too, so this is the quantity the discriminator is trained on).
             acc_real, acc_fake = float(correct[:nr].mean()), float(correct[nr:].mean())
-            bands.append({"sigma_lo": self.edges[b], "sigma_hi": self.edges[b + 1], "acc_real": acc_real,
-                          "acc_fake": acc_fake, "acc": (acc_real + acc_fake) / 2,
-                          "bce": float((bce[:nr].mean() + bce[nr:].mean()) / 2)})
-        record = {"step": self.step, "bands": bands, "bce": sum(b["bce"] for b in bands) / len(bands),
-                  "acc": sum(b["acc"] for b in bands) / len(bands)}
+            band = {"sigma_lo": self.edges[b], "sigma_hi": self.edges[b + 1], "acc_real": acc_real,
+                    "acc_fake": acc_fake, "acc": (acc_real + acc_fake) / 2,
+                    "bce": float((bce[:nr].mean() + bce[nr:].mean()) / 2)}
+            if c.objective == "reconstruction":
+                band.update(self._heldout_reconstruction(x0[:nr], sigma[:nr], eps[:nr]))
+            bands.append(band)
+        mean = lambda key: sum(b[key] for b in bands) / len(bands)  # noqa: E731
+        record = {"step": self.step, "bands": bands, "bce": mean("bce"), "acc": mean("acc")}
+        if c.objective == "reconstruction":
+            record.update(recon=mean("recon"), recon_gain=mean("recon_gain"))
+        # Early stopping follows the objective trained: held-out BCE, or held-out reconstruction error.
+        record["criterion"] = record["recon"] if c.objective == "reconstruction" else record["bce"]
         self.history.append(record)
-        if self.best is None or record["bce"] < self.best[0]:
-            self.best = (record["bce"], self.step, copy.deepcopy(self.disc.state_dict()))
+        if self.best is None or record["criterion"] < self.best[0]:
+            self.best = (record["criterion"], self.step, copy.deepcopy(self.disc.state_dict()))
             self.evals_since_best = 0
         else:
             self.evals_since_best += 1
         return record
 
+    def _heldout_reconstruction(self, x0, sigma, eps):
+        """Held-out reconstruction error of the guided denoiser (w = 1) on real latents, and its gain over the
+        model's own error (> 0: the correction brings the model closer to the held-out data)."""
+        d = self.device
+        classes = self.labels_val[:len(x0)] if self.num_classes else None
+        guided, base = [], []
+        with torch.inference_mode(False), torch.enable_grad():
+            for i in range(0, len(x0), 256):
+                g, b0 = self._reconstruction(x0[i:i + 256].to(d), sigma[i:i + 256].to(d), eps[i:i + 256].to(d),
+                                             None if classes is None else classes[i:i + 256].to(d), create_graph=False)
+                guided.append(g.detach().cpu())
+                base.append(b0.cpu())
+        guided, base = torch.cat(guided).mean(), torch.cat(base).mean()
+        return {"recon": float(guided), "recon_gain": float(base - guided)}
+
     # --- the run ------------------------------------------------------------------------------------
     def run(self, on_step=None, should_stop=None):
-        """Train until `steps` or early stopping; returns the best discriminator (by held-out BCE).
+        """Train until `steps` or early stopping; returns the best discriminator (by held-out BCE, or held-out
+        reconstruction error for that objective).
 
         on_step(step, loss, record_or_None) reports progress; should_stop() is polled every step and may raise
         (ComfyUI's interrupt does), which ends training before anything is written."""
@@ -289,6 +364,7 @@ class Trainer:
             "real_train": len(self.real), "real_heldout": len(self.real_val),
             "fake_train": len(self.fake), "fake_heldout": len(self.fake_val),
             "steps": self.step, "best_step": best_step, "heldout_bce": round(best["bce"], 5),
+            **({"heldout_recon_gain": round(best["recon_gain"], 6)} if "recon_gain" in best else {}),
             "heldout_accuracy": round(best["acc"], 4),
             "heldout_bands": [{k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v)
                                for k, v in b.items()} for b in best["bands"]],

@@ -82,6 +82,76 @@ def sample(model, n, seed, sampler, steps, batch=500):
     return torch.cat(out).clamp(-1, 1)
 
 
+def add_pipeline_arguments(p):
+    """The options of the pipeline that levers.py and rank.py share with this benchmark (same defaults)."""
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--model-steps", type=int, default=600)
+    p.add_argument("--fakes", type=int, default=5000)
+    p.add_argument("--disc-steps", type=int, default=3000)
+    p.add_argument("--sampler", default="heun")
+    p.add_argument("--steps", type=int, default=18)
+    p.add_argument("--cache", default=CACHE)
+    p.add_argument("--out", default=os.path.join(REPO, "out", "bench"))
+
+
+def disc_config(arch, disc_steps, **levers):
+    """The benchmark's training settings for `arch`; `levers` override TrainConfig fields (its defaults are the
+    pack's). Digits have a handedness: no flips; shifts of up to one pixel."""
+    from comfy_dg.training import TrainConfig
+    return TrainConfig(**{"architecture": arch, "steps": disc_steps, "batch_size": 128,
+                          "eval_every": max(10, disc_steps // 20), "patience": 4, "heldout_fraction": 0.15,
+                          "flip": False, "translate": 0.125, **levers})
+
+
+def config_key(cfg, fakes):
+    """A short stable name of a training configuration and its fake count, for cache files."""
+    import dataclasses
+    import hashlib
+    text = json.dumps([dataclasses.asdict(cfg), int(fakes)], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def train_discriminator(model, x_train, fakes, cfg, path):
+    """The pack's Trainer on the digits (cached at `path`); the reconstruction objective takes the model's
+    denoiser under the prompt the benchmark samples with."""
+    from comfy_dg import load_discriminator, save_discriminator
+    from comfy_dg.training import Trainer
+    from comfy_dg.training.conditioning import prompt_conds
+    from harness.tiny import empty_conditioning
+    if not os.path.isfile(path):
+        prompt = None
+        if cfg.objective == "reconstruction":
+            prompt = prompt_conds(model, empty_conditioning(model)[0], tuple(x_train.shape[1:]))
+        save_discriminator(Trainer(model, x_train, fakes, cfg, prompt=prompt).run(), path)
+    return load_discriminator(path)
+
+
+def prepare(cache, model_steps, n_fakes, sampler, steps):
+    """The digits split, the metric's classifier, the small model and its fakes (each cached)."""
+    from harness.bench.metrics import DigitClassifier, train_classifier
+    from harness.tiny import tiny_model
+    from harness.tiny_train import train_diffusion
+    x_train, y_train, x_test = digits_split()
+    clf_state = Phase(cache, "classifier").get(lambda: train_classifier(x_train, y_train).state_dict())
+    clf = DigitClassifier()
+    clf.load_state_dict(clf_state)
+    clf.eval().requires_grad_(False)
+
+    def make_model():
+        m = tiny_model("EPS", family="Digits", attention=False)
+        train_diffusion(m, x_train, steps=model_steps, batch_size=128, lr=2e-3)
+        return m.model.diffusion_model.state_dict()
+    t = time.perf_counter()
+    model = tiny_model("EPS", family="Digits", attention=False,
+                       state_dict=Phase(cache, f"model_{model_steps}").get(make_model))
+    log(f"model: ready ({time.perf_counter() - t:.0f} s)")
+    t = time.perf_counter()
+    tag = f"m{model_steps}"
+    fakes = Phase(cache, f"fakes_{tag}_{n_fakes}").get(lambda: {"x": sample(model, n_fakes, 999, sampler, steps)})["x"]
+    log(f"fakes: {len(fakes)} ({time.perf_counter() - t:.0f} s)")
+    return x_train, y_train, x_test, clf, model, fakes, tag
+
+
 def grid(panels, path, scale=6):
     """panels: [(samples (N, 1, 8, 8) in [-1, 1], label)] side by side, labelled (real | unguided | guided)."""
     from PIL import Image
@@ -95,11 +165,8 @@ def grid(panels, path, scale=6):
 def main(argv=None):
     from comfy_dg.comfy_env import ensure_comfyui
     ensure_comfyui()
-    from comfy_dg import guide, load_discriminator, save_discriminator
-    from harness.bench.metrics import evaluate, train_classifier
-    from harness.tiny import tiny_model
-    from harness.tiny_train import train_diffusion
-    from comfy_dg.training import TrainConfig, Trainer
+    from comfy_dg import guide, save_discriminator
+    from harness.bench.metrics import evaluate
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="a ≤2-minute run that checks the pipeline, not the numbers")
@@ -110,7 +177,9 @@ def main(argv=None):
                         "which is where DG has something to fix; 4000 reaches the floor")
     p.add_argument("--fakes", type=int, default=5000)
     p.add_argument("--disc-steps", type=int, default=3000)
-    p.add_argument("--weights", default="0.5,1,2,3,4")
+    p.add_argument("--weights", default="1,2,4,6,8")
+    p.add_argument("--archs", default="features,standalone", help="discriminator architectures to train and sweep")
+    p.add_argument("--windows", default="all,σ≥0.045", help="guidance windows to sweep: all, σ≥0.045")
     p.add_argument("--sampler", default="heun")
     p.add_argument("--steps", type=int, default=18)
     p.add_argument("--out", default=os.path.join(REPO, "out", "bench"))
@@ -123,39 +192,16 @@ def main(argv=None):
         a.steps, a.cache, a.out = 6, os.path.join(a.cache, "smoke"), os.path.join(a.out, "smoke")
     os.makedirs(a.out, exist_ok=True)
     t_start = time.perf_counter()
-    x_train, y_train, x_test = digits_split()
+    x_train, y_train, x_test, clf, model, fakes, tag = prepare(a.cache, a.model_steps, a.fakes, a.sampler, a.steps)
     log(f"data: {len(x_train)} train / {len(x_test)} held-out digits")
 
-    clf_state = Phase(a.cache, "classifier").get(lambda: train_classifier(x_train, y_train).state_dict())
-    from harness.bench.metrics import DigitClassifier
-    clf = DigitClassifier()
-    clf.load_state_dict(clf_state)
-    clf.eval().requires_grad_(False)
-
-    def make_model():
-        m = tiny_model("EPS", family="Digits", attention=False)
-        train_diffusion(m, x_train, steps=a.model_steps, batch_size=128, lr=2e-3)
-        return m.model.diffusion_model.state_dict()
-    t = time.perf_counter()
-    model = tiny_model("EPS", family="Digits", attention=False, state_dict=Phase(a.cache, f"model_{a.model_steps}").get(make_model))
-    log(f"model: ready ({time.perf_counter() - t:.0f} s)")
-
-    t = time.perf_counter()
-    tag = f"m{a.model_steps}"
-    fakes = Phase(a.cache, f"fakes_{tag}_{a.fakes}").get(lambda: {"x": sample(model, a.fakes, 999, a.sampler, a.steps)})["x"]
-    log(f"fakes: {len(fakes)} ({time.perf_counter() - t:.0f} s)")
-
-    discs = {}
-    for arch in ("features", "standalone"):
-        path = os.path.join(a.cache, f"disc_{arch}_{tag}_{a.disc_steps}.safetensors")
+    discs, disc_keys = {}, {}
+    for arch in a.archs.split(","):
+        cfg = disc_config(arch, a.disc_steps)
+        disc_keys[arch] = config_key(cfg, len(fakes))
+        path = os.path.join(a.cache, f"disc_{arch}_{tag}_{disc_keys[arch]}.safetensors")
         t = time.perf_counter()
-        if not os.path.isfile(path):
-            # Digits have a handedness: no flips; shifts of up to one pixel.
-            cfg = TrainConfig(architecture=arch, steps=a.disc_steps, batch_size=128,
-                              eval_every=max(10, a.disc_steps // 20), patience=4, heldout_fraction=0.15,
-                              flip=False, translate=0.125)
-            save_discriminator(Trainer(model, x_train, fakes, cfg).run(), path)
-        discs[arch] = load_discriminator(path)
+        discs[arch] = train_discriminator(model, x_train, fakes, cfg, path)
         tr = discs[arch].info.training
         log(f"discriminator {arch}: best step {tr['best_step']}, held-out acc by σ band "
             f"{[round(b['acc'], 2) for b in tr['heldout_bands']]} ({time.perf_counter() - t:.0f} s)")
@@ -170,6 +216,7 @@ def main(argv=None):
 
     ms = model.model.model_sampling
     windows = {"all": (0.0, 1.0), "σ≥0.045": (0.0, percent_for_sigma(ms, 0.045))}
+    windows = {k: windows[k] for k in a.windows.split(",")}
     configs = {"unguided": None}
     for arch in discs:
         for w in [float(v) for v in a.weights.split(",")]:
@@ -182,7 +229,7 @@ def main(argv=None):
         runs = []
         t = time.perf_counter()
         for seed in range(a.seeds):
-            key = tag + ("_unguided" if spec is None else f"_{spec[0]}{a.disc_steps}_w{spec[1]:g}_{spec[2]:.4f}_{spec[3]:.4f}")
+            key = tag + ("_unguided" if spec is None else f"_{spec[0]}{disc_keys[spec[0]]}_w{spec[1]:g}_{spec[2]:.4f}_{spec[3]:.4f}")
 
             def compute(spec=spec, seed=seed):
                 m = model if spec is None else guide(model, discs[spec[0]], weight=spec[1], start_percent=spec[2],
@@ -212,10 +259,10 @@ def main(argv=None):
         names = [n for n in results if n.startswith(arch)]
         return min(names, key=lambda n: results[n]["fd"][0])
     best = {arch: best_of(arch) for arch in discs}
+    shown = best.get("features") or next(iter(best.values()))
     g = grid([(x_test[:64], "real (held-out)"), (samples_by_config["unguided"][:64], "unguided"),
-              (samples_by_config[best["features"]][:64], best["features"] + " (same seeds)")],
-             os.path.join(a.out, "comparison_grid.png"))
-    log(f"\ncomparison grid (real | unguided | {best['features']}): {g}")
+              (samples_by_config[shown][:64], shown + " (same seeds)")], os.path.join(a.out, "comparison_grid.png"))
+    log(f"\ncomparison grid (real | unguided | {shown}): {g}")
     summary = {"benchmark": "quality", "seeds": a.seeds, "samples": a.samples, "sampler": f"{a.sampler}/{a.steps}",
                "floor_fd": round(floor["fd"], 4), "unguided_fd": round(base, 4),
                "unguided_recall": round(results["unguided"]["recall"][0], 4), "minutes": round((time.perf_counter() - t_start) / 60, 1)}
