@@ -14,6 +14,8 @@ import stat
 import sys
 import tempfile
 
+from .errors import LocationError
+
 IMAGE_ROOTS_ENV = "COMFY_DG_IMAGE_ROOTS"
 CACHE_ENV, CACHE_DEFAULT_GB = "COMFY_DG_CACHE_GB", 10.0
 LATENT_ENV, LATENT_DEFAULT_GB = "COMFY_DG_MAX_LATENT_GB", 4.0
@@ -21,10 +23,6 @@ SUFFIX = ".safetensors"
 STATE_SUFFIX = ".train-state"       # the training CLI's state files, hidden from Load Discriminator's list
 COUNTER = "_{:05d}_"                # as ComfyUI's savers number their files
 _NUMBERED = re.compile(r"^(.*)_(\d{5,})_$")
-
-
-class LocationError(ValueError):
-    pass
 
 
 def gigabytes(name: str, default: float) -> int:
