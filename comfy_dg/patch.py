@@ -185,7 +185,8 @@ def guide(model, discriminator, weight: float = GUIDANCE["weight"].default,
           schedule: str = GUIDANCE["schedule"].default,
           boost: float = GUIDANCE["boost"].default,
           intermediate_weight: float = GUIDANCE["intermediate_weight"].default,
-          class_label: int = GUIDANCE["class_label"].default):
+          class_label: int = GUIDANCE["class_label"].default,
+          class_name: str = GUIDANCE["class_name"].default):
     """A clone of the ModelPatcher `model` whose denoiser is guided by `discriminator`:
     D' = D + w(σ)·σ²/α·∇ₓ log r, with w = `weight` on each step's first model evaluation and
     `intermediate_weight` on its intermediate ones (Heun's correction, ...; the official code's w₂, default 0).
@@ -193,23 +194,34 @@ def guide(model, discriminator, weight: float = GUIDANCE["weight"].default,
     `discriminator` is one of the pack's discriminators (see load_discriminator) or any torch.nn.Module called
     as discriminator(x_in, sigma) -> logit log(d/(1−d)) of shape (B,), where x_in =
     model_sampling.calculate_input(sigma, x) and sigma has shape (B,). For a class-conditional discriminator,
-    class_label picks the class to guide toward (-1: unconditional).
+    class_label picks the class to guide toward (-1: unconditional), or class_name picks it by the name stored in
+    the file.
     """
     import comfy.patcher_extension as pe
 
     options = check(GUIDANCE, {"weight": weight, "start_percent": start_percent, "end_percent": end_percent,
                                "schedule": schedule, "boost": boost, "intermediate_weight": intermediate_weight,
-                               "class_label": class_label})
+                               "class_label": class_label, "class_name": class_name})
     if start_percent > end_percent:
         raise OptionError(f"comfy-dg: start_percent ({start_percent}) is after end_percent ({end_percent}); the "
                           "window runs from start_percent (noisy) to end_percent (clean): swap them.")
-    classes = getattr(getattr(discriminator, "info", None), "num_classes", 0)
+    info = getattr(discriminator, "info", None)
+    classes = getattr(info, "num_classes", 0)
+    if class_name.strip():
+        if class_label >= 0:
+            raise OptionError("comfy-dg: give the class by class_label or by class_name, not both; set class_label "
+                              "to -1 or clear class_name.")
+        if not callable(getattr(info, "class_index", None)):
+            raise OptionError("comfy-dg: a class name needs one of the pack's discriminators (their files store "
+                              "the names); give class_label instead.")
+        class_label = options["class_label"] = info.class_index(class_name.strip())
     if class_label >= 0 and not classes:
         raise OptionError(f"comfy-dg: class_label {class_label} was given but the discriminator is not "
                           "class-conditional; set class_label to -1.")
     if class_label >= classes > 0:
-        raise OptionError(f"comfy-dg: class_label {class_label} is out of range: the discriminator knows classes "
-                          f"0..{classes - 1}.")
+        known = info.describe_classes() if callable(getattr(info, "describe_classes", None)) \
+            else f"classes 0..{classes - 1}"
+        raise OptionError(f"comfy-dg: class_label {class_label} is out of range: the discriminator knows {known}.")
     parameterization.check_supported(model.model.model_sampling)
     fits = getattr(discriminator, "check_compatible", None)
     if callable(fits):
