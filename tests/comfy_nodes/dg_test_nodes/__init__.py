@@ -128,7 +128,7 @@ class DGTestTinyControlNet:
         import comfy.cldm.cldm
         import comfy.controlnet
         import comfy.model_management
-        from comfy_dg.tiny import _init_weights, tiny_unet_config
+        from harness.tiny import _init_weights, tiny_unet_config
         config = {k: v for k, v in tiny_unet_config(attention=False).items() if k not in ("out_channels",)}
         with torch.inference_mode(False):
             net = comfy.cldm.cldm.ControlNet(hint_channels=3, **config)
