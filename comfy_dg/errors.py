@@ -25,3 +25,8 @@ class TrainingError(DGError):
 
 class DataError(DGError):
     """Real images or latents that cannot be used."""
+
+
+class LocationError(DGError):
+    """A folder or file name the pack may not read or write: outside ComfyUI's folders, unusable on the file
+    system, or clashing with another file."""

@@ -8,16 +8,18 @@ Metadata keys (all strings, as safetensors requires):
 Model families and networks are the pack's own names (identity.py), never ComfyUI's class names.
 """
 import dataclasses
+import hashlib
 import json
 import os
+import stat
 import struct
 
 import torch
-from safetensors.torch import load_file
 
 from .atomic import save_safetensors
 from .discriminators import ARCHITECTURES, Discriminator, DiscriminatorInfo, build
 from .errors import DGError
+from .locations import file_kind, numbered_names
 
 FORMAT_VERSION = "2"
 READS = ("1", "2")
@@ -36,10 +38,12 @@ class DiscriminatorFileError(DGError):
         super().__init__(f"comfy-dg: cannot load discriminator '{os.path.basename(str(path))}': {problem}. {fix}")
 
 
-def save_discriminator(discriminator: Discriminator, path, training: dict | None = None):
-    """Write the discriminator to `path` (.safetensors) atomically: a crash leaves any old file intact."""
+def save_discriminator(discriminator: Discriminator, path, training: dict | None = None, overwrite: bool = True) -> str:
+    """Write the discriminator to `path` (.safetensors) atomically: a crash leaves any old file intact. With
+    overwrite=False an existing file is never replaced: the next free numbered name is taken instead
+    (path_00001_.safetensors, ..., as ComfyUI's savers do). Returns the path written."""
     path = str(path)
-    if not path.endswith(".safetensors"):
+    if not path.lower().endswith(".safetensors"):
         raise DGError(f"comfy-dg: discriminator files are .safetensors; got '{path}'")
     info = dataclasses.replace(discriminator.info, training={**discriminator.info.training, **(training or {})})
     metadata = {
@@ -49,22 +53,67 @@ def save_discriminator(discriminator: Discriminator, path, training: dict | None
         "comfy_dg.info": json.dumps(info.to_dict()),
     }
     state = {k: v.detach().to("cpu").contiguous() for k, v in discriminator.state_dict().items()}
-    return save_safetensors(state, path, metadata)
+    if overwrite:
+        return save_safetensors(state, path, metadata)
+    folder = os.path.dirname(os.path.abspath(path))
+    for name in numbered_names(os.path.basename(path), [folder]):
+        try:
+            return save_safetensors(state, os.path.join(folder, name), metadata, overwrite=False)
+        except FileExistsError:
+            continue
+
+
+def open_regular(path):
+    """(binary file, size) of `path`, refused unless it is a regular file. Opened without blocking, so that a
+    FIFO named like a discriminator cannot hang the queue; everything after reads through this one open, so a
+    file replaced meanwhile cannot be checked as one file and loaded as another."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+                     | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise DiscriminatorFileError(path, "it is a symbolic link to a file that does not exist",
+                                         "Fix the link or remove it.") from None
+        raise DiscriminatorFileError(path, "no such file", "Put the file in models/discriminators.") from None
+    except OSError as e:
+        raise DiscriminatorFileError(path, f"it cannot be opened ({e.strerror or e})",
+                                     "Check the file's permissions.") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise DiscriminatorFileError(path, f"it is {file_kind(st.st_mode)}, not a regular file",
+                                     "Put a .safetensors file made by comfy-dg there instead.")
+    return os.fdopen(fd, "rb"), st.st_size
+
+
+def file_digest(path) -> str:
+    """SHA-256 of a discriminator file's bytes (a regular file only)."""
+    f, _ = open_regular(path)
+    h = hashlib.sha256()
+    with f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_header(path) -> dict:
     """The safetensors JSON header, read without trusting the sizes it claims."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise DiscriminatorFileError(path, "the file is shorter than a safetensors header (truncated or empty)",
-                                         "Download or save it again.")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES or n > size - 8:
-            raise DiscriminatorFileError(path, f"its header claims {n} bytes but the file has {size - 8} after it "
-                                         "(not a safetensors file, or truncated)", "Download or save it again.")
-        raw = f.read(n)
+    f, size = open_regular(path)
+    with f:
+        return _read_header(f, size, path)[0]
+
+
+def _read_header(f, size, path):
+    """(header, offset of the data) from the open file `f` of `size` bytes."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise DiscriminatorFileError(path, "the file is shorter than a safetensors header (truncated or empty)",
+                                     "Download or save it again.")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES or n > size - 8:
+        raise DiscriminatorFileError(path, f"its header claims {n} bytes but the file has {size - 8} after it "
+                                     "(not a safetensors file, or truncated)", "Download or save it again.")
+    raw = f.read(n)
     try:
         header = json.loads(raw)
     except (ValueError, RecursionError) as e:   # bad UTF-8 or JSON, integers too long to read, deep nesting
@@ -90,7 +139,39 @@ def read_header(path) -> dict:
                 and 0 <= offs[0] <= offs[1] <= data_size):
             raise DiscriminatorFileError(path, f"tensor '{name}' points outside the file (truncated or damaged)",
                                          "Download or save it again.")
-    return header
+    return header, 8 + n
+
+
+def _check_layout(path, header, data_size):
+    """As safetensors writes them, the tensors' byte ranges follow one another and cover the data exactly."""
+    ranges = sorted(tuple(e["data_offsets"]) for k, e in header.items() if k != "__metadata__")
+    ends = [0] + [end for _, end in ranges]
+    if any(start != ends[i] for i, (start, _) in enumerate(ranges)) or ends[-1] != data_size:
+        raise DiscriminatorFileError(path, "comfy-dg could not read its tensors (their byte ranges overlap or leave "
+                                     "gaps, which safetensors never writes)", "The file is damaged or was edited: "
+                                     "download or save it again.")
+
+
+def _read_tensor(f, path, name, entry, data_start):
+    """One tensor, read from the open file at the offsets its (checked) header entry gives."""
+    dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
+    start, end = entry["data_offsets"]
+    count = 1
+    for d in shape:
+        count *= d
+    need = count * torch.empty((), dtype=dtype).element_size()
+    if end - start != need:
+        raise DiscriminatorFileError(path, f"comfy-dg could not read its tensors (tensor '{name}' holds {end - start} "
+                                     f"bytes but a {entry['dtype']} tensor of shape {shape} needs {need})",
+                                     "The file is damaged: download or save it again.")
+    f.seek(data_start + start)
+    raw = f.read(need)
+    if len(raw) != need:
+        raise DiscriminatorFileError(path, "the file became shorter while it was read", "Save it again.")
+    if need == 0:
+        return torch.empty(shape, dtype=dtype)
+    # safetensors stores little-endian values: the byte order of every platform ComfyUI runs on
+    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
 
 
 def _metadata(path, header):
@@ -128,9 +209,13 @@ def load_discriminator(path, device="cpu") -> Discriminator:
     if not path.lower().endswith(".safetensors"):
         raise DiscriminatorFileError(path, "only .safetensors discriminator files are read",
                                      "Save it as .safetensors.")
-    if not os.path.isfile(path):
-        raise DiscriminatorFileError(path, "no such file", "Put the file in models/discriminators.")
-    header = read_header(path)
+    f, size = open_regular(path)
+    with f:
+        return _load(f, size, path, device)
+
+
+def _load(f, size, path, device):
+    header, data_start = _read_header(f, size, path)
     arch, config, info = _metadata(path, header)
     found = {k: v for k, v in header.items() if k != "__metadata__"}
     for name in BLOCK_COUNTS:
@@ -157,11 +242,8 @@ def load_discriminator(path, device="cpu") -> Discriminator:
                 raise DiscriminatorFileError(path, f"tensor '{k}' is {entry.get('dtype')} {entry.get('shape')}, "
                                              f"but the declared {arch} architecture needs a float tensor of shape "
                                              f"{list(t.shape)}", "The file is damaged or was edited: re-train it.")
-        try:
-            state = load_file(path, device="cpu")
-        except Exception as e:   # safetensors' own errors: offsets that do not fit shapes, bad metadata
-            raise DiscriminatorFileError(path, f"safetensors could not read its tensors ({e})",
-                                         "The file is damaged: download or save it again.") from None
+        _check_layout(path, header, size - data_start)
+        state = {k: _read_tensor(f, path, k, found[k], data_start) for k in expected}
         state = {k: v.to(torch.float32) for k, v in state.items()}
         bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
         if bad:

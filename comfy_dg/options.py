@@ -1,6 +1,7 @@
-"""The options users set, in one table each: guidance (the Discriminator Guidance node and guide()) and training
-(the Train Discriminator node, the command line and TrainConfig). Node inputs, command-line flags, defaults and
-validation are all derived from these tables (nodes/options.py, training/cli.py, check()).
+"""The options users set, in one table each: guidance (the Discriminator Guidance node and guide()), training
+(the Train Discriminator node, the command line and TrainConfig) and saving (the Train Discriminator node). Node
+inputs, command-line flags, defaults and validation are all derived from these tables (nodes/options.py,
+training/cli.py, check()).
 """
 import math
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ class Option:
     min: float | None = None
     max: float | None = None
     step: float | None = None           # the widget's step
-    choices: tuple | None = None        # str options: the allowed values
+    choices: tuple | None = None        # str options: the allowed values (None: any text)
     none_is: object = None              # an optional setting (default None): this widget/flag value stands for None
     flag: str | None = None             # command-line flag, if not --name-with-dashes
     cli: bool = True                    # on the command line (training options)
@@ -50,6 +51,10 @@ GUIDANCE = _table(
                 "evaluation of each step."),
     Option("class_label", int, -1, min=-1, max=100000,
            help="For a class-conditional discriminator: the class to guide toward (-1: unconditional)."),
+    Option("class_name", str, "",
+           help="For a class-conditional discriminator: the class to guide toward by the name stored in the file "
+                "(its training folder's subfolder; case is ignored when the name is unique), instead of "
+                "class_label. Empty: use class_label."),
 )
 
 TRAINING = _table(
@@ -96,6 +101,14 @@ TRAINING = _table(
 )
 
 
+# How the trained discriminator is saved (the node; the command line writes its --out as given).
+SAVING = _table(
+    Option("overwrite", bool, False, cli=False,
+           help="Replace an existing file of the same name. Off: the next free numbered name "
+                "(<filename>_00001_.safetensors, ...) is taken instead, and no file is ever replaced."),
+)
+
+
 def from_widget(option: Option, value):
     """A widget's or flag's value as the setting (none_is → None)."""
     return None if option.none_is is not None and value == option.none_is else value
@@ -121,6 +134,10 @@ def _checked(o: Option, value):
             raise OptionError(f"comfy-dg: {o.name} must be true or false, got {value!r}")
         return value
     if o.kind is str:
+        if o.choices is None:
+            if not isinstance(value, str):
+                raise OptionError(f"comfy-dg: {o.name} must be text, got {value!r}")
+            return value
         if value not in o.choices:
             raise OptionError(f"comfy-dg: {o.name} is {value!r}; choose one of {', '.join(o.choices)}")
         return value

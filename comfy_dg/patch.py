@@ -195,8 +195,10 @@ def check_discriminator(base_model, discriminator, class_label):
         raise OptionError(f"comfy-dg: class_label {class_label} was given but the discriminator is not "
                           "class-conditional; set class_label to -1.")
     if class_label >= classes > 0:
-        raise OptionError(f"comfy-dg: class_label {class_label} is out of range: the discriminator knows classes "
-                          f"0..{classes - 1}.")
+        info = discriminator.info
+        known = info.describe_classes() if callable(getattr(info, "describe_classes", None)) \
+            else f"classes 0..{classes - 1}"
+        raise OptionError(f"comfy-dg: class_label {class_label} is out of range: the discriminator knows {known}.")
     fits = getattr(discriminator, "check_compatible", None)
     if callable(fits):
         fits(base_model)
@@ -208,7 +210,8 @@ def guide(model, discriminator, weight: float = GUIDANCE["weight"].default,
           schedule: str = GUIDANCE["schedule"].default,
           boost: float = GUIDANCE["boost"].default,
           intermediate_weight: float = GUIDANCE["intermediate_weight"].default,
-          class_label: int = GUIDANCE["class_label"].default):
+          class_label: int = GUIDANCE["class_label"].default,
+          class_name: str = GUIDANCE["class_name"].default):
     """A clone of the ModelPatcher `model` whose denoiser is guided by `discriminator`:
     D' = D + w(σ)·σ²/α·∇ₓ log r, with w = `weight` on each step's first model evaluation and
     `intermediate_weight` on its intermediate ones (Heun's correction, ...; the official code's w₂, default 0).
@@ -216,16 +219,26 @@ def guide(model, discriminator, weight: float = GUIDANCE["weight"].default,
     `discriminator` is one of the pack's discriminators (see load_discriminator) or any torch.nn.Module called
     as discriminator(x_in, sigma) -> logit log(d/(1−d)) of shape (B,), where x_in =
     model_sampling.calculate_input(sigma, x) and sigma has shape (B,). For a class-conditional discriminator,
-    class_label picks the class to guide toward (-1: unconditional).
+    class_label picks the class to guide toward (-1: unconditional), or class_name picks it by the name stored in
+    the file.
     """
     import comfy.patcher_extension as pe
 
     options = check(GUIDANCE, {"weight": weight, "start_percent": start_percent, "end_percent": end_percent,
                                "schedule": schedule, "boost": boost, "intermediate_weight": intermediate_weight,
-                               "class_label": class_label})
+                               "class_label": class_label, "class_name": class_name})
     if start_percent > end_percent:
         raise OptionError(f"comfy-dg: start_percent ({start_percent}) is after end_percent ({end_percent}); the "
                           "window runs from start_percent (noisy) to end_percent (clean): swap them.")
+    info = getattr(discriminator, "info", None)
+    if class_name.strip():
+        if class_label >= 0:
+            raise OptionError("comfy-dg: give the class by class_label or by class_name, not both; set class_label "
+                              "to -1 or clear class_name.")
+        if not callable(getattr(info, "class_index", None)):
+            raise OptionError("comfy-dg: a class name needs one of the pack's discriminators (their files store "
+                              "the names); give class_label instead.")
+        class_label = options["class_label"] = info.class_index(class_name.strip())
     parameterization.check_supported(model.model.model_sampling)
     check_discriminator(model.model, discriminator, class_label)
     if getattr(discriminator, "tap_class", None) is not None:   # a features head: a gradient through the network

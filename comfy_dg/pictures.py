@@ -4,10 +4,30 @@ import math
 import numpy as np
 import torch
 
+from .errors import DGError
+
+
+def rgb(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) from a ComfyUI IMAGE of 3 channels, 4 (RGBA, as core's Join Image with Alpha makes:
+    composited over the grid's white) or 1 (grey)."""
+    images = images.detach().float()
+    if images.ndim == 3:
+        images = images[None]
+    channels = images.shape[-1] if images.ndim == 4 else 0
+    if channels == 4:
+        alpha = images[..., 3:].clamp(0, 1)
+        return images[..., :3] * alpha + (1.0 - alpha)
+    if channels == 1:
+        return images.expand(*images.shape[:-1], 3)
+    if channels != 3:
+        raise DGError(f"comfy-dg: expected images of shape (batch, height, width, 3 or 4 channels); got "
+                      f"{tuple(images.shape)}")
+    return images
+
 
 def tile(images: torch.Tensor, columns: int = 0, pad: int = 2) -> np.ndarray:
-    """(B, H, W, 3) in [0, 1] → one uint8 grid (rows × columns), white padding."""
-    imgs = (images.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    """(B, H, W, C) in [0, 1], C = 3, 4 or 1 → one uint8 RGB grid (rows × columns), white padding."""
+    imgs = (rgb(images).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
     b, h, w, _ = imgs.shape
     cols = columns or math.ceil(math.sqrt(b))
     rows = math.ceil(b / cols)

@@ -35,8 +35,9 @@ class ComfyServer:
         self.log_path = os.path.join(base, "server.log")
         self.proc = None
 
-    def start(self, timeout=120, extra_args=()):
-        env = dict(os.environ, COMFY_DG_REPO=REPO, PYTHONUNBUFFERED="1")
+    def start(self, timeout=120, extra_args=(), env=None):
+        """`env`: extra environment variables for the server (its server-side settings)."""
+        env = dict(os.environ, COMFY_DG_REPO=REPO, PYTHONUNBUFFERED="1", **(env or {}))
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
@@ -81,12 +82,21 @@ class ComfyServer:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
+    def interrupt(self):
+        """POST /interrupt: stop the prompt that runs now."""
+        req = urllib.request.Request(self.url + "/interrupt", data=b"{}", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+
     def run(self, prompt, timeout=120):
         """Queue a prompt and wait for its history entry."""
         status, body = self.post_prompt(prompt)
         if status != 200:
             raise AssertionError(f"prompt refused ({status}): {body}")
-        pid = body["prompt_id"]
+        return self.wait(body["prompt_id"], timeout)
+
+    def wait(self, pid, timeout=120):
+        """The history entry of the queued prompt `pid`, once it has run."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             hist = self.get(f"/history/{pid}")

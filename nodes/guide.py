@@ -31,7 +31,8 @@ def schema(node_id, display_name, description, options, **extra):
         inputs=[io.Model.Input("model", tooltip="The diffusion model to guide."),
                 Discriminator.Input("discriminator", tooltip="A discriminator trained for this model (Load "
                                     "Discriminator)."),
-                *options, widget(GUIDANCE["class_label"], optional=True)],
+                *options, widget(GUIDANCE["class_label"], optional=True),
+                widget(GUIDANCE["class_name"], optional=True)],
         outputs=[io.Model.Output(tooltip="The guided model (a patched clone).")], **extra)
 
 

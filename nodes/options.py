@@ -10,6 +10,8 @@ def widget(option: Option, **overrides):
     default = o.none_is if o.default is None else o.default
     if o.kind is bool:
         return io.Boolean.Input(o.name, default=default, **kw)
+    if o.kind is str and o.choices is None:
+        return io.String.Input(o.name, default=default, **kw)
     if o.kind is str:
         return io.Combo.Input(o.name, options=list(o.choices), default=default, **kw)
     if o.kind is int:

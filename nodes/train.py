@@ -8,15 +8,18 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from comfy_dg.errors import DataError
+from comfy_dg.errors import DataError, DGError
 from comfy_dg.files import save_discriminator
-from comfy_dg.options import TRAINING, from_widget
-from comfy_dg.training.conditioning import negative_conditioning, prompt_conds
-from comfy_dg.training.data import encode_folder, folder_labels, list_images, sample_fakes
+from comfy_dg.locations import (CACHE_DEFAULT_GB, CACHE_ENV, LATENT_DEFAULT_GB, LATENT_ENV, gigabytes,
+                                image_folder, image_roots, output_file)
+from comfy_dg.options import GUIDANCE, SAVING, TRAINING, from_widget
+from comfy_dg.training.conditioning import check_negative_architecture, negative_conditioning, prompt_conds
+from comfy_dg.training.data import (align_labels, combine_labels, encode_folder, folder_labels, folder_stamp,
+                                    list_images, sample_fakes)
 from comfy_dg.training.loop import TrainConfig, Trainer
 from comfy_dg.training.plot import plot_history, plot_preview
 from .load import FOLDER
-from .options import widgets
+from .options import widget, widgets
 from .types import Discriminator
 
 CATEGORY = "model_patches/discriminator_guidance/training"
@@ -35,8 +38,17 @@ def progress_bar(total):
     return lambda done, of: bar.update_absolute(done, of)
 
 
-def image_folder(name: str) -> str:
-    return name if os.path.isabs(name) else os.path.join(folder_paths.get_input_directory(), name)
+def roots():
+    return image_roots(folder_paths.get_input_directory())
+
+
+def limits():
+    """The server's bounds: (largest set of latents, size of the cache), in bytes."""
+    return gigabytes(LATENT_ENV, LATENT_DEFAULT_GB), gigabytes(CACHE_ENV, CACHE_DEFAULT_GB)
+
+
+def labels_of(latents):
+    return latents.get("dg_labels"), latents.get("dg_classes")
 
 
 class EncodeRealImages(io.ComfyNode):
@@ -50,15 +62,17 @@ class EncodeRealImages(io.ComfyNode):
                         "resolution, and encodes it with the model's VAE in batches: the real data of a "
                         "discriminator. Latents are cached on disk, so re-runs skip the work.",
             inputs=[
-                io.String.Input("folder", default="dg_real", tooltip="Folder of real images: relative to ComfyUI's "
-                                "input folder, or absolute. Subfolders are included."),
+                io.String.Input("folder", default="dg_real", tooltip="Folder of real images inside ComfyUI's input "
+                                "folder (e.g. dg_real for input/dg_real). Subfolders are included; hidden files are "
+                                "skipped, and a file that cannot be read stops the run with its name."),
                 io.Vae.Input("vae", tooltip="The VAE of the model the discriminator is for."),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=8,
                              tooltip="Images are resized (shorter side) and center-cropped to this size."),
                 io.Int.Input("batch_size", default=8, min=1, max=256, tooltip="Images encoded at once."),
                 io.Boolean.Input("labels_from_subfolders", default=False,
                                  tooltip="Class-conditional training: each image's class is its subfolder "
-                                         "(folder/<class>/image.png), classes numbered in name order.",
+                                         "(folder/<class>/image.png), classes numbered in name order (ignoring "
+                                         "case); the names are stored in the discriminator.",
                                  optional=True),
             ],
             outputs=[io.Latent.Output(display_name="real_latents",
@@ -66,13 +80,24 @@ class EncodeRealImages(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, folder=None, **kwargs):
+        """The folder's listing with every image's size and modification time: adding, removing or replacing an
+        image runs the node again (ComfyUI would otherwise return its cached latents)."""
+        try:
+            return folder_stamp(image_folder(folder, roots()), roots())[1]
+        except (DGError, OSError) as e:       # reported when the node runs
+            return f"unavailable: {e}"
+
+    @classmethod
     def execute(cls, folder, vae, resolution, batch_size, labels_from_subfolders=False) -> io.NodeOutput:
-        path = image_folder(folder)
-        latents = encode_folder(path, vae, resolution, batch_size, cache_dir(),
-                                progress=progress_bar(1), should_stop=interrupted)
+        allowed = roots()
+        path = image_folder(folder, allowed)
+        max_bytes, cache_bytes = limits()
+        latents = encode_folder(path, vae, resolution, batch_size, cache_dir(), progress=progress_bar(1),
+                                should_stop=interrupted, roots=allowed, max_bytes=max_bytes, cache_bytes=cache_bytes)
         out = {"samples": latents}
         if labels_from_subfolders:
-            out["dg_labels"], out["dg_classes"] = folder_labels(path, list_images(path))
+            out["dg_labels"], out["dg_classes"] = folder_labels(path, list_images(path, allowed))
         return io.NodeOutput(out)
 
 
@@ -106,9 +131,12 @@ class SampleFakeLatents(io.ComfyNode):
                 io.Int.Input("width", default=512, min=16, max=8192, step=8, tooltip="As the real images' resolution."),
                 io.Int.Input("height", default=512, min=16, max=8192, step=8,
                              tooltip="As the real images' resolution."),
-                io.Int.Input("class_label", default=-1, min=-1, max=100000,
-                             tooltip="Class-conditional training: the class these samples were prompted for "
-                                     "(-1: unconditional).", optional=True),
+                widget(GUIDANCE["class_label"], optional=True,
+                       tooltip="Class-conditional training: the class these samples were prompted for "
+                               "(-1: unconditional)."),
+                widget(GUIDANCE["class_name"], optional=True,
+                       tooltip="Class-conditional training: the class these samples were prompted for, by name "
+                               "(the real images' subfolder); instead of class_label."),
             ],
             outputs=[io.Latent.Output(display_name="fake_latents",
                                       tooltip="The model's samples, for Train Discriminator (DG)'s fake_latents.")],
@@ -116,13 +144,19 @@ class SampleFakeLatents(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, count, batch_size, seed, steps, cfg, sampler_name, scheduler,
-                width, height, class_label=-1) -> io.NodeOutput:
+                width, height, class_label=-1, class_name="") -> io.NodeOutput:
+        class_name = (class_name or "").strip()
+        if class_name and class_label >= 0:
+            raise DataError("comfy-dg: give the fakes' class by class_label or by class_name, not both")
+        max_bytes, cache_bytes = limits()
         latents = sample_fakes(model, positive, negative, count, batch_size, seed, steps, cfg, sampler_name,
                                scheduler, width, height, cache_dir(), progress=progress_bar(count),
-                               should_stop=interrupted)
+                               should_stop=interrupted, max_bytes=max_bytes, cache_bytes=cache_bytes)
         out = {"samples": latents}
-        if class_label >= 0:
-            out["dg_labels"] = torch.full((len(latents),), class_label, dtype=torch.long)
+        if class_label >= 0 or class_name:
+            out["dg_labels"] = torch.full((len(latents),), max(class_label, 0), dtype=torch.long)
+        if class_name:
+            out["dg_classes"] = [class_name]
         return io.NodeOutput(out)
 
 
@@ -146,22 +180,12 @@ class CombineLatents(io.ComfyNode):
         if a.shape[1:] != b.shape[1:]:
             raise DataError(f"comfy-dg: cannot combine latents of shapes {tuple(a.shape[1:])} and {tuple(b.shape[1:])}")
         out = {"samples": torch.cat([a, b])}
-        la, lb = latents_a.get("dg_labels"), latents_b.get("dg_labels")
-        if (la is None) != (lb is None):
-            raise DataError("comfy-dg: one batch has class labels and the other has none; label both or neither")
-        if la is not None:
-            out["dg_labels"] = torch.cat([la, lb])
+        labels, names = combine_labels(labels_of(latents_a), labels_of(latents_b))
+        if labels is not None:
+            out["dg_labels"] = labels
+        if names is not None:
+            out["dg_classes"] = names
         return io.NodeOutput(out)
-
-
-def output_path(filename: str) -> str:
-    name = filename.strip()
-    if not name or "/" in name or "\\" in name or name.startswith(".") or os.path.isabs(name):
-        raise DataError(f"comfy-dg: '{filename}' is not a plain file name; give a name such as 'my_model_dg' "
-                         f"(it is saved in models/{FOLDER}).")
-    if not name.endswith(".safetensors"):
-        name += ".safetensors"
-    return os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name)
 
 
 class TrainDiscriminator(io.ComfyNode):
@@ -182,7 +206,9 @@ class TrainDiscriminator(io.ComfyNode):
                 io.Latent.Input("real_latents", tooltip="From Encode Real Images (DG), or VAE Encode."),
                 io.Latent.Input("fake_latents", tooltip="From Sample Fake Latents (DG), or KSampler batches."),
                 io.String.Input("filename", default="my_discriminator",
-                                tooltip="Saved as models/discriminators/<filename>.safetensors."),
+                                tooltip="Saved as models/discriminators/<filename>.safetensors; if that file exists "
+                                        "(and overwrite is off), as <filename>_00001_.safetensors, ... as ComfyUI's "
+                                        "savers number theirs. Checked before training."),
                 *widgets(TRAINING, "architecture", "steps", "batch_size", "learning_rate", "weight_decay",
                          "heldout_fraction", "eval_every", "patience", "augment", "seed"),
                 io.Conditioning.Input("negative", optional=True,
@@ -190,7 +216,9 @@ class TrainDiscriminator(io.ComfyNode):
                                               "The head then learns the features under it, and guiding with that "
                                               "same negative needs no extra pass through the UNet (faster). "
                                               "Unconnected: prompt-independent features (an extra pass while "
-                                              "guiding)."),
+                                              "guiding). Refused with standalone, as the command line "
+                                              "refuses it."),
+                widget(SAVING["overwrite"], optional=True),
                 # The rest of the training options, set less often.
                 *widgets(TRAINING, "flip", "translate", "width", "sigma_min", "sigma_max", "sigma_bands",
                          "label_dropout", "sigma_sampling", "objective", optional=True),
@@ -206,26 +234,31 @@ class TrainDiscriminator(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, real_latents, fake_latents, filename, negative=None, positive=None,
+    def execute(cls, model, real_latents, fake_latents, filename, negative=None, positive=None, overwrite=False,
                 **options) -> io.NodeOutput:
-        path = output_path(filename)
+        # Everything that could fail the save is checked now, before the first step.
+        path = output_file(filename, folder_paths.get_folder_paths(FOLDER), overwrite)
         config = TrainConfig(**{k: from_widget(TRAINING[k], v) for k, v in options.items()}).validate()
         shape = tuple(real_latents["samples"].shape[1:])
         conditioning = None
-        if negative is not None and config.architecture == "features":
+        if negative is not None:
+            check_negative_architecture(config.architecture)
             conditioning = negative_conditioning(model, negative, shape)
         prompt = prompt_conds(model, positive, shape) if positive is not None and config.objective == "reconstruction" \
             else None
-        trainer = Trainer(model, real_latents["samples"], fake_latents["samples"], config,
-                          real_labels=real_latents.get("dg_labels"), fake_labels=fake_latents.get("dg_labels"),
-                          conditioning=conditioning, prompt=prompt)
+        real_labels, fake_labels, class_names = align_labels(labels_of(real_latents), labels_of(fake_latents))
+        trainer = Trainer(model, real_latents["samples"], fake_latents["samples"], config, real_labels=real_labels,
+                          fake_labels=fake_labels, conditioning=conditioning, prompt=prompt, class_names=class_names)
         bar = comfy.utils.ProgressBar(config.steps)
 
         def on_step(step, loss, record):
             # Each held-out evaluation redraws the plot, shown live on the node as its progress preview.
             bar.update_absolute(step, config.steps, plot_preview(trainer.history) if record is not None else None)
         disc = trainer.run(on_step=on_step, should_stop=interrupted)
-        save_discriminator(disc, path)
-        plot = torch.from_numpy(plot_history(trainer.history)).float().div(255.0)[None]
+        saved = save_discriminator(disc, path, overwrite=overwrite)
+        title = f"{os.path.basename(saved)}: held-out accuracy and BCE"
+        if disc.info.class_names:
+            title += "\n" + disc.info.describe_classes()
+        plot = torch.from_numpy(plot_history(trainer.history, title=title)).float().div(255.0)[None]
         # The plot shows on the node itself, as a preview does.
         return io.NodeOutput(disc, plot, ui=ui.PreviewImage(plot, cls=cls))

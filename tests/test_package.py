@@ -11,7 +11,7 @@ from conftest import COMFYUI, REPO
 
 # Modules that come with ComfyUI itself (its own code and its requirements): not the pack's to list.
 FROM_COMFYUI = {"torch", "torchvision", "comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths",
-                "nodes", "typing_extensions", "tqdm", "psutil", "yaml", "aiohttp", "server"}
+                "nodes", "node_helpers", "typing_extensions", "tqdm", "psutil", "yaml", "aiohttp", "server"}
 # Import name of each distribution the pack lists.
 IMPORT_NAME = {"pillow": "PIL"}
 

@@ -232,26 +232,50 @@ def test_a_writer_killed_mid_save_leaves_a_whole_file_and_its_leftovers_are_clea
     print(f"\nkilled 5 writers; {temp_seen} temporary files left by them, all removed")
 
 
+LOCK_HOLDER = r"""
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
 def test_a_running_writers_temporary_file_is_not_removed(tmp_path):
-    """Only writers that are gone lose their temporary files: a live process's (this one's, a live child's)
-    and other hosts' are kept."""
+    """Only writers that are gone lose their temporary folders. A writer holds its folder's lock while it works
+    (this process, a live child: kept whatever their process ids say); a free lock on this host means the writer
+    is gone; another host's folder, whose lock a network file system may not show, goes only once it is old."""
+    import fcntl
     import socket
     import re
     host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    mine, childs = f".comfy_dg-{os.getpid()}@{host}~abc.tmp", f".comfy_dg-state-{dead}@{host}~abc.tmp"
+    young_other, old_other = ".comfy_dg-1@other-host~abc.tmp", ".comfy_dg-2@other-host~abc.tmp"
+    gone = f".comfy_dg-{os.getpid()}@{host}~gone.tmp"          # a live process id, but nobody holds the lock
+    for name in (mine, childs, young_other, old_other, gone):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "partial").write_bytes(b"x")
+    for name in ("notes.tmp", ".comfy_dg-junk.tmp"):
+        (tmp_path / name).write_bytes(b"x")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(tmp_path / old_other, (two_days_ago, two_days_ago))
+    fd = os.open(tmp_path / mine, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    child = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path / childs)], stdout=subprocess.PIPE,
+                             text=True)
     try:
-        keep = [f".comfy_dg-{os.getpid()}@{host}~abc.tmp", f".comfy_dg-state-{child.pid}@{host}~abc.tmp",
-                ".comfy_dg-1@other-host~abc.tmp", "notes.tmp", ".comfy_dg-junk.tmp"]
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout.strip()
-        gone = f".comfy_dg-{dead}@{host}~abc.tmp"
-        for name in keep + [gone]:
-            (tmp_path / name).write_bytes(b"x")
-        assert remove_stale_temp_files(str(tmp_path)) == [gone]
-        assert sorted(os.listdir(tmp_path)) == sorted(keep)
+        assert child.stdout.readline().strip() == "locked"
+        assert remove_stale_temp_files(str(tmp_path)) == sorted([old_other, gone])
+        assert sorted(os.listdir(tmp_path)) == sorted([mine, childs, young_other, "notes.tmp", ".comfy_dg-junk.tmp"])
     finally:
+        os.close(fd)
         child.kill()
         child.wait()
+        child.stdout.close()
+    assert remove_stale_temp_files(str(tmp_path)) == sorted([mine, childs])     # their writers are gone now
 
 
 # --- damaged caches ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .. import identity
-from ..errors import IncompatibleDiscriminator
+from ..errors import IncompatibleDiscriminator, OptionError
 from .layers import SigmaMLP
 
 
@@ -18,11 +18,34 @@ class DiscriminatorInfo:
     sigma_max: float = float("inf")
     training: dict = field(default_factory=dict)   # provenance: real/fake counts, steps, held-out accuracy, ...
     num_classes: int = 0            # > 0: class-conditional (labels 0..num_classes-1; no label = unconditional)
+    class_names: list = field(default_factory=list)   # the classes' names, by label (empty: unnamed)
 
     def to_dict(self):
         d = asdict(self)
         d["sigma_max"] = None if math.isinf(self.sigma_max) else self.sigma_max
+        if not self.class_names:
+            del d["class_names"]        # unnamed: files stay readable by versions without names
         return d
+
+    def describe_classes(self) -> str:
+        """'classes 0..9' or, with names, "classes 0 = 'cat', 1 = 'dog', ..." (the first 20)."""
+        if not self.class_names:
+            return f"classes 0..{self.num_classes - 1}"
+        shown = ", ".join(f"{i} = {n!r}" for i, n in enumerate(self.class_names[:20]))
+        return f"classes {shown}" + (", ..." if len(self.class_names) > 20 else "")
+
+    def class_index(self, name: str) -> int:
+        """The label of the class called `name` (exact, else the only match ignoring case)."""
+        if not self.num_classes:
+            raise OptionError(f"comfy-dg: class {name!r} was given but the discriminator is not class-conditional; "
+                              "leave class_name empty.")
+        if name in self.class_names:
+            return self.class_names.index(name)
+        folded = [i for i, n in enumerate(self.class_names) if n.casefold() == name.casefold()]
+        if len(folded) == 1:
+            return folded[0]
+        raise OptionError(f"comfy-dg: the discriminator has no class named {name!r}; it knows "
+                          f"{self.describe_classes()}.")
 
     @classmethod
     def from_dict(cls, d):
@@ -35,7 +58,9 @@ class DiscriminatorInfo:
         number = lambda v: type(v) in (int, float) and not math.isnan(v)  # noqa: E731 - bools are not numbers
         if not (type(info.latent_channels) is int and info.latent_channels > 0 and isinstance(info.model_family, str)
                 and number(info.sigma_min) and number(info.sigma_max) and 0 <= info.sigma_min <= info.sigma_max
-                and isinstance(info.training, dict) and type(info.num_classes) is int and info.num_classes >= 0):
+                and isinstance(info.training, dict) and type(info.num_classes) is int and info.num_classes >= 0
+                and isinstance(info.class_names, list) and all(isinstance(n, str) for n in info.class_names)
+                and len(info.class_names) in (0, info.num_classes)):
             raise TypeError("info fields have the wrong types or an empty σ range")
         return info
 

@@ -56,6 +56,47 @@ def sigma_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
+def init_weights(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """PyTorch's default initialisation of every layer the pack's networks use, drawn from `generator`, not from
+    the process-global RNG (which a server shares with every other node). For a network built on the meta
+    device and then given memory (to_empty): every parameter is set here, and buffers start at zero."""
+    g, done = generator, set()
+
+    def linear(weight, bias):
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=g)
+        if bias is not None:
+            fan_in = weight[0].numel()
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(bias, -bound, bound, generator=g)
+
+    with torch.no_grad():
+        for b in module.buffers():
+            b.zero_()
+        for m in module.modules():
+            if isinstance(m, nn.MultiheadAttention):
+                nn.init.xavier_uniform_(m.in_proj_weight, generator=g)
+                nn.init.zeros_(m.in_proj_bias)
+                nn.init.kaiming_uniform_(m.out_proj.weight, a=math.sqrt(5), generator=g)
+                nn.init.zeros_(m.out_proj.bias)
+                done.update(map(id, m.parameters()))
+            elif isinstance(m, (nn.Linear, nn.Conv2d)) and id(m.weight) not in done:
+                linear(m.weight, m.bias)
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, generator=g)
+            elif isinstance(m, AttentionPool):
+                nn.init.zeros_(m.query)
+            else:
+                continue
+            done.update(id(p) for p in m.parameters(recurse=False))
+    missed = [n for n, p in module.named_parameters() if id(p) not in done]
+    if missed:
+        raise RuntimeError(f"comfy-dg: init_weights has no rule for {missed[:3]}")
+    return module
+
+
 class SigmaMLP(nn.Module):
     def __init__(self, emb_dim: int):
         super().__init__()

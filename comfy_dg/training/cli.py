@@ -125,6 +125,8 @@ def check_args(a, world=1):
         raise CLIError(f"comfy-dg: --out must be a .safetensors file; got '{a.out}'")
     if os.path.isdir(a.out):
         raise CLIError(f"comfy-dg: --out '{a.out}' is a folder; give a file name ending in .safetensors")
+    from ..locations import check_output_path
+    check_output_path(a.out, ".train-state.safetensors")   # before hours of work, not at the end (a DGError)
     from ..files import PICKLE_SUFFIXES
     if a.checkpoint.lower().endswith(PICKLE_SUFFIXES):
         raise CLIError(f"comfy-dg: '{a.checkpoint}' is a pickle-based file, and unpickling can run any code hidden "

@@ -17,12 +17,17 @@ import torch
 from .. import identity
 from ..discriminators import DiscriminatorInfo, FeatureHeadDiscriminator, StandaloneDiscriminator
 from ..dg import LOGIT_MAX
+from ..discriminators.layers import init_weights
 from ..errors import TrainingError
 from ..options import TRAINING, check
 from ..taps import find_tap
 from ..tensors import frozen
 from . import noise, objectives
 from .augment import LatentAugment
+
+
+NEGATIVE_NEEDS_FEATURES = ("comfy-dg: a negative prompt to train under is for the features architecture; leave it "
+                           "unconnected for a standalone discriminator.")
 
 
 def _validate(config):
@@ -85,7 +90,8 @@ class Trainer:
     the prompt it samples with (conditioning.prompt_conds), under which its denoiser is taken."""
 
     def __init__(self, model_patcher, real, fake, config: TrainConfig, rank: int = 0, world_size: int = 1,
-                 real_labels=None, fake_labels=None, device=None, conditioning=None, prompt=None):
+                 real_labels=None, fake_labels=None, device=None, conditioning=None, prompt=None,
+                 class_names=None):
         self.config = config.validate()
         self.model = model_patcher.model
         if config.objective == "reconstruction" and prompt is None:
@@ -97,8 +103,7 @@ class Trainer:
         # prompt-independent features.
         self.conditioning = conditioning
         if conditioning is not None and config.architecture != "features":
-            raise TrainingError("comfy-dg: a negative prompt to train under is for the features architecture; "
-                                "leave it unconnected for a standalone discriminator.")
+            raise TrainingError(NEGATIVE_NEEDS_FEATURES)
         self.rank, self.world = rank, world_size
         channels = identity.latent_channels(self.model)
         _check_latents("real", real, channels)
@@ -112,6 +117,12 @@ class Trainer:
                                 f"across {world_size} process(es)")
         real_labels, fake_labels = (None if v is None else torch.as_tensor(v) for v in (real_labels, fake_labels))
         self.num_classes = _check_labels(real, fake, real_labels, fake_labels)
+        self.class_names = [str(n) for n in (class_names or [])]
+        if self.class_names:
+            if not self.num_classes or self.num_classes > len(self.class_names):
+                raise TrainingError(f"comfy-dg: {len(self.class_names)} class names were given for labels up to "
+                                    f"{self.num_classes - 1}; give one name per class (or none).")
+            self.num_classes = len(self.class_names)
         self.ms = self.model.model_sampling
         # Data stays on the CPU; each batch, the discriminator and (features) the frozen model use `device`.
         self.device = torch.device(device) if device is not None else torch.device(model_patcher.load_device)
@@ -155,12 +166,16 @@ class Trainer:
         c = self.config
         sig_lo, sig_hi = float(self.ms.sigma(torch.tensor(self.t_range[0]))), float(self.ms.sigma(torch.tensor(self.t_range[1])))
         info = DiscriminatorInfo(identity.latent_channels(self.model), identity.family(self.model), sig_lo, sig_hi,
-                                 num_classes=self.num_classes)
+                                 num_classes=self.num_classes, class_names=self.class_names)
         kwargs = {} if c.width is None else {"width": c.width}
+        # Built without memory, then initialised from the run's own generator: the process-global RNG, which a
+        # server shares with everything else it runs, is neither reseeded nor advanced.
+        generator = _gen(c.seed, -2)
         with torch.inference_mode(False):
-            torch.manual_seed(_seed(c.seed, -2, 0))
             if c.architecture == "standalone":
-                return StandaloneDiscriminator(info, **kwargs)
+                with torch.device("meta"):
+                    disc = StandaloneDiscriminator(info, **kwargs)
+                return init_weights(disc.to_empty(device="cpu"), generator)
             tap = find_tap(self.model.diffusion_model)
             if tap is None:
                 raise TrainingError(
@@ -171,10 +186,13 @@ class Trainer:
                 context, y = self.conditioning
                 kwargs.update(context_tokens=context.shape[0], context_dim=context.shape[1],
                               y_dim=0 if y is None else y.numel())
+            channels = tap.channels(self.model)
             try:
-                disc = FeatureHeadDiscriminator(info, tap=tap.name, feature_channels=tap.channels(self.model), **kwargs)
+                with torch.device("meta"):
+                    disc = FeatureHeadDiscriminator(info, tap=tap.name, feature_channels=channels, **kwargs)
             except ValueError as e:
                 raise TrainingError(str(e)) from None
+            disc = init_weights(disc.to_empty(device="cpu"), generator)
             if self.conditioning is not None:
                 disc.set_conditioning(*self.conditioning)
             return disc

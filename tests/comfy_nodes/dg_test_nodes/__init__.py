@@ -14,13 +14,15 @@ class DGTestTinyModel:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0}), "model_type": (list(MODEL_TYPES),),
-                             "family": (["SD15", "SDXL", "Flux"],)}}
+                             "family": (["SD15", "SDXL", "Flux"],)},
+                "optional": {"nonce": ("INT", {"default": 0})}}
 
     RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
     FUNCTION = "build"
     CATEGORY = "testing"
 
-    def build(self, seed, model_type, family):
+    def build(self, seed, model_type, family, nonce=0):
+        # nonce: unused, so that a graph can rebuild the very same model as a new object
         m = tiny_model(model_type, seed=seed, family=family)
         pos, neg = empty_conditioning(m)
         return (m, pos, neg)
@@ -47,13 +49,13 @@ class DGTestFastModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0})}}
+        return {"required": {"seed": ("INT", {"default": 0})}, "optional": {"nonce": ("INT", {"default": 0})}}
 
     RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
     FUNCTION = "build"
     CATEGORY = "testing"
 
-    def build(self, seed):
+    def build(self, seed, nonce=0):
         m = tiny_model("EPS", seed=seed, attention=False)
         pos, neg = empty_conditioning(m)
         return (m, pos, neg)
@@ -107,3 +109,49 @@ class DGTestMemoryReport:
 
 
 NODE_CLASS_MAPPINGS.update({"DGTestFastModel": DGTestFastModel, "DGTestMemoryReport": DGTestMemoryReport})
+
+
+class DGTestTinyControlNet:
+    """A real ComfyUI ControlNet (comfy.cldm.cldm.ControlNet in comfy.controlnet.ControlNet) sized for the tiny
+    SD1.5-architecture model, weights from `seed`: for core's Apply ControlNet node."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, seed):
+        import torch
+        import comfy.cldm.cldm
+        import comfy.controlnet
+        import comfy.model_management
+        from harness.tiny import _init_weights, tiny_unet_config
+        config = {k: v for k, v in tiny_unet_config(attention=False).items() if k not in ("out_channels",)}
+        with torch.inference_mode(False):
+            net = comfy.cldm.cldm.ControlNet(hint_channels=3, **config)
+            _init_weights(net, seed)
+        return (comfy.controlnet.ControlNet(net, load_device=comfy.model_management.get_torch_device()),)
+
+
+class DGTestSetCondValue:
+    """Sets one numeric entry of every conditioning's options, as nodes such as CLIP Text Encode (SDXL) set width,
+    height and crops (the tiny models have no text encoder)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",), "key": ("STRING", {"default": "width"}),
+                             "value": ("INT", {"default": 1024})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "set"
+    CATEGORY = "testing"
+
+    def set(self, conditioning, key, value):
+        import node_helpers
+        return (node_helpers.conditioning_set_values(conditioning, {key: value}),)
+
+
+NODE_CLASS_MAPPINGS.update({"DGTestTinyControlNet": DGTestTinyControlNet, "DGTestSetCondValue": DGTestSetCondValue})
