@@ -53,7 +53,7 @@ def realism_scores(model_patcher, discriminator, latents, sigma=DEFAULT_SIGMA, d
                     labels = None if class_label < 0 else torch.full((len(xb),), class_label, device=device)
                     x_in = ms.calculate_input(s, ms.noise_scaling(s, eb, xb))
                     logit = bound(discriminator, base, labels)(x_in, s).reshape(-1)
-                    # clipped as guiding clips it (dg.D_CLIP)
+                    # clipped as guiding clips it (dg.LOGIT_MAX)
                     total[i:i + len(xb)] += logit.float().clamp(-LOGIT_MAX, LOGIT_MAX).double().cpu()
     finally:
         if movable:
