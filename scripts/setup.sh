@@ -4,9 +4,10 @@
 #                                        wheel); COMFYUI_PATH=/path/to/ComfyUI uses an existing ComfyUI instead
 #   bash scripts/setup.sh --source DIR   .venv-<version>/ + .comfyui-<version>/: a copy of the ComfyUI source tree
 #                                        DIR (never written into)
-# Each venv gets torch 2.14.1 + torchvision 0.29.1, its ComfyUI's requirements (torchaudio too when that ComfyUI
-# does not start without it) and the pack's; the pack is linked into the ComfyUI's custom_nodes. Idempotent: a
-# finished step is skipped on the next run. A failure is explained in one line.
+# Each venv sees torch 2.14.1 + torchvision 0.29.1 (one copy, in .torch/, shared by all), has its ComfyUI's
+# requirements (torchaudio too when that ComfyUI does not start without it) and the pack's; the pack is linked into
+# the ComfyUI's custom_nodes. Idempotent: a finished step is skipped on the next run. A failure is explained
+# in one line.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$here/scripts/envs.sh"
@@ -94,15 +95,40 @@ starts() {
   return "$rc"
 }
 
+# torch + torchvision and what they pull in (CUDA libraries, triton: 5.5 GB) are installed once, into .torch/, and
+# every venv here sees them through a .pth file: two ComfyUI versions then cost one torch in disk and set-up time. A
+# venv's own packages come first on sys.path, so a newer numpy or pillow that a ComfyUI asks for lands in that venv.
+torch_dir="$here/.torch"
+share_torch() {
+  local site
+  if [ "$(cat "$torch_dir/.comfy-dg-ready" 2>/dev/null)" != "$TORCH" ]; then
+    local free_gb
+    free_gb=$(($(df -Pk "$here" | awk 'NR == 2 {print $4}') / 1048576))
+    [ "$free_gb" -ge 7 ] || fail "installing $TORCH needs about 7 GB free on the disk of $here; it has $free_gb GB"
+    echo "[setup] installing $TORCH into $torch_dir, shared by every environment here (from local disk where available)"
+    rm -rf "$torch_dir.part" "$torch_dir.tmp"
+    mkdir -p "$torch_dir.tmp"
+    # pip unpacks into TMPDIR and moves from there: on this disk a move is a rename, and a small /tmp is no limit.
+    # shellcheck disable=SC2086
+    TMPDIR="$torch_dir.tmp" pipq install -q --target "$torch_dir.part" $TORCH \
+      || fail "pip could not install $TORCH ($(last_error)); full log: $log"
+    rm -rf "$torch_dir" "$torch_dir.tmp"
+    mv "$torch_dir.part" "$torch_dir"
+    echo "$TORCH" > "$torch_dir/.comfy-dg-ready"
+  fi
+  site="$("$vpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  echo "$torch_dir" > "$site/comfy-dg-torch.pth"
+  "$vpy" -c "import torch, torchvision" > "$log" 2>&1 \
+    || fail "torch does not import from $torch_dir in $venv ($(tail -n 1 "$log"))"
+}
+
 # What was installed, so that a changed requirements file (or another ComfyUI) reinstalls.
-fingerprint="$(cat "$comfy/requirements.txt" requirements.txt requirements-dev.txt <(echo "$TORCH") 2>/dev/null \
+fingerprint="$(cat "$comfy/requirements.txt" requirements.txt requirements-dev.txt <(echo "$TORCH shared") 2>/dev/null \
   | sha256sum | cut -c1-16)"
 stamp="$venv/.comfy-dg-ready"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$fingerprint" ]; then
   rm -f "$stamp"
-  echo "[setup] installing $TORCH (from local disk where available)"
-  # shellcheck disable=SC2086
-  pipq install -q $TORCH || fail "pip could not install $TORCH ($(last_error)); full log: $log"
+  share_torch
   printf '%s\n' $TORCH > "$venv/constraints.txt"     # nothing installed later may change torch
   echo "[setup] installing ComfyUI $version's requirements and the pack's"
   # torch comes from the line above; torchaudio only if this ComfyUI needs it (below); ComfyUI imports requests
