@@ -7,7 +7,7 @@ from .demo import DecodeDigits, LoadDemoModel
 from .guide import DiscriminatorGuidance, DiscriminatorGuidanceV1
 from .load import LoadDiscriminator
 from .rank import RankByRealism
-from .sampler import DGHeunBoosted
+from .sampler import DGHeunBoosted, DGRejectionSampler
 from .train import CombineLatents, EncodeRealImages, SampleFakeLatents, TrainDiscriminator
 
 
@@ -16,4 +16,4 @@ class DiscriminatorGuidanceExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadDiscriminator, DiscriminatorGuidance, EncodeRealImages, SampleFakeLatents, CombineLatents,
                 TrainDiscriminator, ComparisonGrid, RankByRealism, LoadDemoModel, DecodeDigits, DGHeunBoosted,
-                DiscriminatorGuidanceV1]
+                DGRejectionSampler, DiscriminatorGuidanceV1]

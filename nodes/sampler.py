@@ -1,6 +1,10 @@
 from comfy_api.latest import io
 
+from comfy_dg.options import GUIDANCE
+from comfy_dg.rejection import BASES, dg_rejection_sampler
 from comfy_dg.sampling import sample_dg_heun_boosted
+from .options import widget
+from .types import Discriminator
 
 
 class DGHeunBoosted(io.ComfyNode):
@@ -32,3 +36,37 @@ class DGHeunBoosted(io.ComfyNode):
         import comfy.samplers
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample_dg_heun_boosted, extra_options={
             "s_churn": s_churn, "churn_every": churn_every, "double_every": double_every}))
+
+
+class DGRejectionSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DGRejectionSampler",
+            display_name="DG Rejection Sampler (DG)",
+            category="model_patches/discriminator_guidance",
+            description="A sampler for SamplerCustomAdvanced that judges every step with the discriminator, in the "
+                        "spirit of DiffRS (Na et al., ICML 2024): a step is accepted with probability "
+                        "min(1, r(x')/(M·r(x))), and a rejected step is noised back and tried again, so samples "
+                        "the discriminator finds unlikely get more work. Costs extra model evaluations.",
+            inputs=[
+                Discriminator.Input("discriminator", tooltip="A discriminator trained for the model being sampled."),
+                io.Combo.Input("base", options=list(BASES), default="heun",
+                               tooltip="The step each proposal takes (k-diffusion's heun or euler, no churn)."),
+                io.Float.Input("quantile", default=0.9, min=0.0, max=1.0, step=0.01,
+                               tooltip="M at each step is this quantile of the batch's first ratios r(x')/r(x): "
+                                       "about 1 − quantile of first proposals pass for sure, the others with "
+                                       "probability ratio / M. Lower accepts more."),
+                io.Int.Input("max_retries", default=4, min=0, max=100,
+                             tooltip="Rejections of one sample at one step before its proposal is accepted anyway "
+                                     "(bounds the cost; 0: no rejection, the plain sampler)."),
+                widget(GUIDANCE["class_label"], optional=True,
+                       tooltip="For a class-conditional discriminator: the class to judge against (-1: none)."),
+            ],
+            outputs=[io.Sampler.Output(tooltip="For SamplerCustomAdvanced's sampler input.")],
+        )
+
+    @classmethod
+    def execute(cls, discriminator, base, quantile, max_retries, class_label=-1) -> io.NodeOutput:
+        return io.NodeOutput(dg_rejection_sampler(discriminator, base=base, quantile=quantile,
+                                                  max_retries=max_retries, class_label=class_label))

@@ -271,7 +271,7 @@ def test_every_node_is_described_with_tooltips_and_consistent_names(server):
     ours = {k: v for k, v in info.items() if "comfy-dg" in v.get("python_module", "")}
     # Ten nodes (Rank by Realism the tenth), the boosting sampler, and the first guidance node kept (deprecated)
     # for old workflows.
-    assert len(ours) == 12, sorted(ours)
+    assert len(ours) == 13, sorted(ours)
     assert ours["DiscriminatorGuidance"].get("deprecated") and not ours["DiscriminatorGuidanceV2"].get("deprecated")
     for node_id, d in ours.items():
         assert len(d["description"]) > 40, node_id

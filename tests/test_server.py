@@ -26,6 +26,12 @@ def server(tmp_path_factory):
     info = DiscriminatorInfo(4, "SD15")
     save_discriminator(StandaloneDiscriminator(info, width=16, levels=2, emb_dim=32),
                        os.path.join(folder, "standalone.safetensors"))
+    # A sharper one (its output layer × 300): log r that varies by whole units between samples, so the rejection
+    # sampler has something to reject.
+    sharp = StandaloneDiscriminator(info, width=16, levels=2, emb_dim=32)
+    with torch.no_grad():
+        sharp.out.weight.mul_(300.0)
+    save_discriminator(sharp, os.path.join(folder, "sharp.safetensors"))
     m = tiny_model("EPS", seed=0)
     save_discriminator(FeatureHeadDiscriminator(info, feature_channels=UNetMiddle.channels(m.model), width=32),
                        os.path.join(folder, "sub", "features.safetensors"))
@@ -261,7 +267,7 @@ def test_training_shows_its_heldout_plot_live_on_the_node(server, metadata):
 
 PACK_NODES = ["LoadDiscriminator", "DiscriminatorGuidanceV2", "DiscriminatorGuidance", "DGEncodeRealImages",
               "DGSampleFakeLatents", "DGCombineLatents", "DGTrainDiscriminator", "DGComparisonGrid", "DGRankByRealism",
-              "DGLoadDemoModel", "DGDecodeDigits", "DGSamplerHeunBoosted"]
+              "DGLoadDemoModel", "DGDecodeDigits", "DGSamplerHeunBoosted", "DGRejectionSampler"]
 
 
 def test_every_node_has_a_help_page_where_the_frontend_looks(server):
@@ -317,3 +323,36 @@ def test_rank_by_realism_wants_exactly_one_batch(server):
     hist = server.run(g)
     assert hist["status"]["status_str"] == "error"
     assert "exactly one" in str(hist["status"]["messages"])
+
+
+def custom_graph(sampler_node, prefix):
+    return {
+        "1": {"class_type": "DGTestTinyModel", "inputs": {"seed": 0, "model_type": "EPS", "family": "SD15"}},
+        "2": {"class_type": "LoadDiscriminator", "inputs": {"discriminator_name": "sharp.safetensors"}},
+        "3": sampler_node,
+        "4": {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 2],
+                                                    "cfg": 3.0}},
+        "5": {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}},
+        "6": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "karras", "steps": 5,
+                                                         "denoise": 1.0}},
+        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4}},
+        "8": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["5", 0], "guider": ["4", 0],
+                                                                "sampler": ["3", 0], "sigmas": ["6", 0],
+                                                                "latent_image": ["7", 0]}},
+        "9": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": prefix}},
+    }
+
+
+def test_rejection_sampler_runs_in_sampler_custom_advanced(server):
+    def rejection(retries):
+        return {"class_type": "DGRejectionSampler", "inputs": {"discriminator": ["2", 0], "base": "heun",
+                                                               "quantile": 0.5, "max_retries": retries}}
+    plain = server.run(custom_graph({"class_type": "KSamplerSelect", "inputs": {"sampler_name": "heun"}}, "rs_plain"))
+    same = server.run(custom_graph(rejection(0), "rs_none"))
+    judged = server.run(custom_graph(rejection(3), "rs_judged"))
+    for hist in (plain, same, judged):
+        assert hist["status"]["status_str"] == "success", hist["status"]
+    # No retries: exactly the plain heun sampler; with retries the discriminator changes some samples.
+    assert torch.equal(saved_latent(server, same, "9"), saved_latent(server, plain, "9"))
+    out = saved_latent(server, judged, "9")
+    assert torch.isfinite(out).all() and not torch.equal(out, saved_latent(server, plain, "9"))

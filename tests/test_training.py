@@ -65,6 +65,24 @@ def test_early_stopping_keeps_the_best_checkpoint(data):
     assert all(torch.equal(v, disc.state_dict()[k]) for k, v in state.items())
 
 
+def test_a_run_that_never_beat_step_0_says_so(data, caplog):
+    """Early stopping keeps step 0's (untrained) discriminator when no later evaluation beat it: the log and the
+    CLI's summary say so, naming what to try; a run whose best is later says nothing."""
+    from comfy_dg.training.cli import summary
+    from comfy_dg.training.loop import untrained_warning
+    trainer = Trainer(data["model"], data["real"], data["fake"], small_config(architecture="standalone"))
+    trainer.evaluate()                      # step 0, the untrained discriminator: the best so far
+    for _ in range(3):
+        trainer.train_step()                # trained, never evaluated again
+    with caplog.at_level("WARNING"):
+        disc = trainer.best_discriminator()
+    assert disc.info.training["best_step"] == 0 and disc.info.training["steps"] == 3
+    assert "never improved" in caplog.text and "best at step 0 of 3" in caplog.text
+    assert "never improved" in summary(disc, 1.0)
+    later = dict(disc.info.training, best_step=3)
+    assert untrained_warning(later) is None and untrained_warning(dict(later, best_step=0, steps=0)) is None
+
+
 def test_resume_repeats_an_uninterrupted_run(data):
     cfg = small_config(architecture="features", steps=30, eval_every=10)
     whole = Trainer(data["model"], data["real"], data["fake"], cfg)

@@ -477,7 +477,9 @@ def summary(disc, wall):
                      f"(real {b['acc_real']:.3f}, fake {b['acc_fake']:.3f})  bce {b['bce']:.4f}")
     lines.append(f"  all                     acc {t['heldout_accuracy']:.3f}")
     lines.append(f"wall time {wall:.1f} s")
-    return "\n".join(lines)
+    from .loop import untrained_warning
+    note = untrained_warning(t)
+    return "\n".join(lines + ([note] if note else []))
 
 
 # --- the run -------------------------------------------------------------------------------------------

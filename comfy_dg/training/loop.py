@@ -10,6 +10,7 @@ uninterrupted one, and every rank of a distributed run draws the same global bat
 """
 import copy
 import dataclasses
+import logging
 import math
 
 import torch
@@ -387,6 +388,9 @@ class Trainer:
             "heldout_bands": [{k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v)
                                for k, v in b.items()} for b in best["bands"]],
             "config": dataclasses.asdict(self.config), "processes": self.world, "num_classes": self.num_classes})
+        note = untrained_warning(disc.info.training)
+        if note:
+            logging.warning(note)
         return disc
 
     # --- resumable state ----------------------------------------------------------------------------
@@ -422,3 +426,14 @@ class Trainer:
         if facts["best"] is not None:
             self.best = (facts["best"][0], facts["best"][1],
                          {k[5:]: v.clone() for k, v in tensors.items() if k.startswith("best.")})
+
+
+def untrained_warning(training):
+    """What to tell the user when no evaluation after step 0 beat the untrained discriminator (None otherwise):
+    early stopping then keeps the untrained one, whose log r is nearly flat, and guiding with it changes little."""
+    if training["best_step"] != 0 or training["steps"] == 0:
+        return None
+    return (f"comfy-dg: training never improved the held-out score over the untrained discriminator (best at step "
+            f"0 of {training['steps']}), so the saved discriminator is the untrained one and guiding with it changes "
+            "little. Try more real images, more steps or another learning rate; with objective reconstruction, try "
+            "bce (on the digits benchmark the reconstruction objective never improved on step 0).")

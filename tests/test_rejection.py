@@ -1,0 +1,91 @@
+"""The DG rejection sampler (DiffRS's scheme with our discriminators) through ComfyUI's own sampling."""
+import pytest
+import torch
+
+import comfy.sample
+import comfy.samplers
+from comfy_dg.rejection import Counter, dg_rejection_sampler, renoise
+from harness.tiny import empty_conditioning, tiny_model
+
+STEPS = 6
+
+
+class Constant(torch.nn.Module):
+    """log r = c everywhere: every ratio is 1, so every step is accepted."""
+
+    def forward(self, x_in, sigma):
+        return torch.full((x_in.shape[0],), 0.7, dtype=x_in.dtype, device=x_in.device)
+
+
+class HatesPositiveMean(torch.nn.Module):
+    """log r = −4·tanh(mean of x_in): samples drifting to a positive mean look fake."""
+
+    def forward(self, x_in, sigma):
+        return -4.0 * torch.tanh(x_in.flatten(1).mean(1) * 5)
+
+
+def run(model, sampler, seed=3, batch=6, cfg=3.0):
+    pos, neg = empty_conditioning(model)
+    sigmas = comfy.samplers.calculate_sigmas(model.model.model_sampling, "karras", STEPS)
+    latent = torch.zeros(batch, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    with torch.inference_mode():
+        return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, pos, neg, latent, seed=seed,
+                                          disable_pbar=True)
+
+
+@pytest.mark.parametrize("base", ["heun", "euler"])
+@pytest.mark.parametrize("model_type", ["EPS", "FLOW"])
+def test_accepting_everything_is_exactly_the_plain_sampler(base, model_type):
+    m = tiny_model(model_type, seed=0)
+    plain = run(m, comfy.samplers.ksampler(base))
+    counter = Counter()
+    same = run(m, dg_rejection_sampler(Constant(), base=base, counter=counter))
+    assert torch.equal(same, plain)
+    assert counter.rejections == 0
+    assert counter.model == 6 * (STEPS if base == "euler" else 2 * STEPS - 1)
+    # No retries allowed: whatever the discriminator says, the plain sampler again.
+    assert torch.equal(run(m, dg_rejection_sampler(HatesPositiveMean(), base=base, max_retries=0)), plain)
+
+
+def test_rejections_cost_bounded_extra_steps_and_change_the_samples():
+    m = tiny_model("EPS", seed=0)
+    plain = run(m, comfy.samplers.ksampler("euler"), batch=8)
+    counter = Counter()
+    out = run(m, dg_rejection_sampler(HatesPositiveMean(), base="euler", quantile=0.5, max_retries=3,
+                                      counter=counter), batch=8)
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)
+    assert counter.rejections > 0
+    assert counter.model == 8 * STEPS + counter.rejections          # one more model call per rejection
+    assert counter.rejections <= 8 * (STEPS - 1) * 3                  # never more than max_retries per step
+    # Same seed, same result: the rejection draws are seeded.
+    assert torch.equal(run(m, dg_rejection_sampler(HatesPositiveMean(), base="euler", quantile=0.5,
+                                                   max_retries=3), batch=8), out)
+
+
+def test_renoise_follows_the_models_forward_process():
+    m = tiny_model("FLOW", seed=0)
+    ms = m.model.model_sampling
+    x0 = torch.randn(4, 4, 8, 8, dtype=torch.float64)
+    e1, e2 = torch.randn_like(x0), torch.randn_like(x0)
+    s_from, s_to = torch.full((4,), 0.3, dtype=torch.float64), torch.full((4,), 0.6, dtype=torch.float64)
+    x_from = (1 - 0.3) * x0 + 0.3 * e1
+    x_to = renoise(ms, x_from, s_from, s_to, e2)
+    # Flow: x_σ = (1 − σ)·x0 + σ·ε; the re-noised state has mean (1 − 0.6)·x0 and noise variance 0.6².
+    noise = x_to - 0.4 * x0
+    expected = (0.4 / 0.7) * 0.3 * e1 + (0.6 ** 2 - (0.4 / 0.7 * 0.3) ** 2) ** 0.5 * e2
+    torch.testing.assert_close(noise, expected)
+
+
+def test_bad_settings_and_inpainting_are_refused():
+    with pytest.raises(ValueError, match="quantile"):
+        dg_rejection_sampler(Constant(), quantile=1.5)
+    with pytest.raises(ValueError, match="base"):
+        dg_rejection_sampler(Constant(), base="dpmpp_2m")
+    m = tiny_model("EPS", seed=0)
+    pos, neg = empty_conditioning(m)
+    sigmas = comfy.samplers.calculate_sigmas(m.model.model_sampling, "karras", STEPS)
+    latent = torch.zeros(2, 4, 8, 8)
+    with pytest.raises(ValueError, match="inpainting"), torch.inference_mode():
+        comfy.sample.sample_custom(m, torch.randn_like(latent), 1.0, dg_rejection_sampler(Constant()), sigmas, pos, neg,
+                                   latent, noise_mask=torch.ones(2, 1, 64, 64), seed=0, disable_pbar=True)
