@@ -15,7 +15,7 @@ import torch
 from . import dg, parameterization
 from .errors import OptionError
 from .options import GUIDANCE, check
-from .steps import StepTracker, sampler_name
+from .steps import DECLARE_THEIR_EVALUATIONS, StepTracker, sampler_name
 from .taps import find_tap
 from .taps.common import refuse_dynamic_vram
 from .tensors import autograd_weights, frozen
@@ -23,6 +23,12 @@ from .tensors import autograd_weights, frozen
 log = logging.getLogger("comfy_dg")
 
 RUNS_KEY = "comfy_dg_runs"
+
+
+def runs_of(extra_args) -> list:
+    """The Discriminator Guidance runs (Run) of one sampling run, one per guidance patch on the model (for the
+    pack's samplers, which read and set their per-evaluation fields)."""
+    return list(extra_args.get("model_options", {}).get("transformer_options", {}).get(RUNS_KEY, {}).values())
 
 
 class Run:
@@ -34,17 +40,25 @@ class Run:
         parameterization.check_supported(self.model_sampling)
         self.window = parameterization.window(self.model_sampling, opts["start_percent"], opts["end_percent"])
         # Which evaluation of a step is which matters only when the two weights differ.
-        self.tracker = StepTracker(sampler_name(sampler), sigmas) \
-            if sampler is not None and opts["weight"] != opts["intermediate_weight"] else None
+        name = sampler_name(sampler) if sampler is not None else None
+        self.tracker = StepTracker(name, sigmas) if name is not None and name not in DECLARE_THEIR_EVALUATIONS \
+            and opts["weight"] != opts["intermediate_weight"] else None
+        self.first_evaluation = None  # True/False: set before each model call by a sampler that declares them
         self.boost = 1.0            # w multiplier where log r < 0, set per evaluation by sampling.sample_dg_heun_boosted
         self.log_r = None           # (B,) log r at the last evaluation, +inf where it was not taken (read by it too)
         self.warned = False
 
+    def is_first(self, consume: bool) -> bool:
+        """Whether this evaluation is its step's first (consume: count it, as the hook does once per evaluation)."""
+        if self.first_evaluation is not None:
+            return self.first_evaluation
+        if self.tracker is None:
+            return True
+        return self.tracker.on_evaluation() if consume else self.tracker.peek()
+
     def weight(self, patch) -> float:
         """w for this evaluation (consumes it): w on a step's first evaluation, w₂ on its intermediate ones."""
-        if self.tracker is None or self.tracker.on_evaluation():
-            return patch.options["weight"]
-        return patch.options["intermediate_weight"]
+        return patch.options["weight" if self.is_first(consume=True) else "intermediate_weight"]
 
 
 class GuidancePatch:
@@ -109,8 +123,7 @@ class GuidancePatch:
         run = self.run(model_options)
         if run is None:
             return False
-        tracker = run.tracker
-        w = self.options["weight"] if tracker is None or tracker.peek() else self.options["intermediate_weight"]
+        w = self.options["weight" if run.is_first(consume=False) else "intermediate_weight"]
         return w != 0.0 and bool(run.window.contains(sigma.reshape(-1)).any())
 
     def labels(self, n, device):

@@ -23,7 +23,7 @@ import torch
 from . import parameterization
 from .dg import LOGIT_MAX
 from .errors import OptionError
-from .patch import bound, check_discriminator
+from .patch import bound, check_discriminator, runs_of
 
 BASES = ("heun", "euler")
 
@@ -72,8 +72,14 @@ def sample_dg_rejection(model, x, sigmas, extra_args=None, callback=None, disabl
         logit = bound(discriminator, base_model, labels)(ms.calculate_input(s, xs), s)
         return logit.reshape(-1).float().clamp(-LOGIT_MAX, LOGIT_MAX)      # clipped as guiding clips it
 
-    def denoise(xs, s):
+    # Discriminator Guidance patches on the model are told which evaluation of a step each call is (their
+    # intermediate_weight), since this sampler's callbacks cannot number steps (steps.DECLARE_THEIR_EVALUATIONS).
+    runs = runs_of(extra_args)
+
+    def denoise(xs, s, first):
         counter.model += len(xs)
+        for run in runs:
+            run.first_evaluation = first
         return model(xs, s, **extra_args)
 
     x = x.clone()
@@ -89,7 +95,7 @@ def sample_dg_rejection(model, x, sigmas, extra_args=None, callback=None, disabl
         s, s_next = sigmas[i], sigmas[i + 1]
         shape = (-1,) + (1,) * (x.ndim - 1)
         xa = x[act]
-        denoised = denoise(xa, s)
+        denoised = denoise(xa, s, True)
         last_denoised[act] = denoised
         d = (xa - denoised) / s.reshape(shape)
         dt = (s_next - s).reshape(shape)
@@ -98,7 +104,7 @@ def sample_dg_rejection(model, x, sigmas, extra_args=None, callback=None, disabl
         if base == "heun" and bool((~last).any()):
             # Heun's correction where σ_{i+1} > 0 (the last step is an Euler step, as in k-diffusion).
             h = (~last).nonzero().reshape(-1)
-            denoised_2 = denoise(proposal[h], s_next[h])
+            denoised_2 = denoise(proposal[h], s_next[h], False)
             d_2 = (proposal[h] - denoised_2) / s_next[h].reshape(shape)
             proposal[h] = xa[h] + (d[h] + d_2) / 2 * dt[h]
         accept = last.clone()

@@ -11,12 +11,7 @@ import math
 import torch
 from tqdm.auto import trange
 
-from .patch import RUNS_KEY
-
-
-def _runs(extra_args):
-    """The Discriminator Guidance runs (patch.Run) of this sampling run, one per guidance patch on the model."""
-    return list(extra_args.get("model_options", {}).get("transformer_options", {}).get(RUNS_KEY, {}).values())
+from .patch import runs_of
 
 
 def _log_r(runs, n, device):
@@ -35,7 +30,7 @@ def sample_dg_heun_boosted(model, x, sigmas, extra_args=None, callback=None, dis
 
     extra_args = {} if extra_args is None else extra_args
     noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
-    runs = _runs(extra_args)
+    runs = runs_of(extra_args)
     n = len(sigmas) - 1
     s_in = x.new_ones([x.shape[0]])
     judged = torch.full((x.shape[0],), math.inf, device=x.device, dtype=torch.float64)   # log r at the last step

@@ -51,6 +51,10 @@ INTERMEDIATE_EVALUATIONS = {
     "sample_dg_heun_boosted": _one_unless_last,      # the pack's own (comfy_dg/sampling.py)
 }
 
+# The pack's samplers that say themselves which evaluation is which (patch.Run.first_evaluation, set before each
+# model call): the rejection sampler's samples move at their own pace, so its callbacks cannot number steps.
+DECLARE_THEIR_EVALUATIONS = {"sample_dg_rejection"}
+
 # Samplers whose evaluations do not follow the σ schedule (DPM-Solver's adaptive and fast variants pick
 # their own points): there is no "first evaluation of a step" to find, so DG is applied at every one.
 CANNOT_TELL = {"dpm_fast_function", "dpm_adaptive_function", "sample_dpm_fast", "sample_dpm_adaptive"}

@@ -89,3 +89,27 @@ def test_bad_settings_and_inpainting_are_refused():
     with pytest.raises(ValueError, match="inpainting"), torch.inference_mode():
         comfy.sample.sample_custom(m, torch.randn_like(latent), 1.0, dg_rejection_sampler(Constant()), sigmas, pos, neg,
                                    latent, noise_mask=torch.ones(2, 1, 64, 64), seed=0, disable_pbar=True)
+
+
+def test_class_label_is_checked_against_the_discriminator():
+    """The sampler refuses a class_label the discriminator does not know, as guiding and ranking do."""
+    m = tiny_model("EPS", seed=0)
+    with pytest.raises(ValueError, match="not class-conditional"):
+        run(m, dg_rejection_sampler(Constant(), class_label=2))
+
+
+@pytest.mark.parametrize("w2", [0.0, 0.5])
+def test_a_guided_model_gets_w_and_w2_on_the_right_evaluations(w2, caplog):
+    """On a model patched by Discriminator Guidance, the sampler tells the patch which evaluation of a step each
+    model call is: accepting everything, it is exactly heun on the same guided model (whose evaluations the
+    patch follows from ComfyUI's callbacks), with w on each step's first evaluation and w₂ on Heun's correction,
+    and nothing in the log about steps it could not tell."""
+    from builders import standalone
+    from comfy_dg import guide
+    m = guide(tiny_model("EPS", seed=0), standalone(), weight=2.0, intermediate_weight=w2)
+    with caplog.at_level("WARNING"):
+        same = run(m, dg_rejection_sampler(Constant(), base="heun"))
+    assert torch.equal(same, run(m, comfy.samplers.ksampler("heun")))
+    assert not torch.equal(same, run(guide(tiny_model("EPS", seed=0), standalone(), weight=2.0,
+                                           intermediate_weight=2.0), comfy.samplers.ksampler("heun")))
+    assert "cannot tell" not in caplog.text
