@@ -201,9 +201,20 @@ def bound(discriminator, base_model, labels=None):
     return bind(base_model, labels) if callable(bind) else discriminator
 
 
-def check_discriminator(base_model, discriminator, class_label):
-    """Refuse a discriminator trained for another kind of model, or a class_label it does not know."""
-    classes = getattr(getattr(discriminator, "info", None), "num_classes", 0)
+def check_discriminator(base_model, discriminator, class_label, class_name=""):
+    """Refuse a discriminator trained for another kind of model, or a class it does not know; the class label to
+    use (class_label, or the label of class_name: the name stored in the file)."""
+    info = getattr(discriminator, "info", None)
+    class_name = (class_name or "").strip()
+    if class_name:
+        if class_label >= 0:
+            raise OptionError("comfy-dg: give the class by class_label or by class_name, not both; set class_label "
+                              "to -1 or clear class_name.")
+        if not callable(getattr(info, "class_index", None)):
+            raise OptionError("comfy-dg: a class name needs one of the pack's discriminators (their files store "
+                              "the names); give class_label instead.")
+        class_label = info.class_index(class_name)
+    classes = getattr(info, "num_classes", 0)
     if class_label >= 0 and not classes:
         raise OptionError(f"comfy-dg: class_label {class_label} was given but the discriminator is not "
                           "class-conditional; set class_label to -1.")
@@ -215,6 +226,7 @@ def check_discriminator(base_model, discriminator, class_label):
     fits = getattr(discriminator, "check_compatible", None)
     if callable(fits):
         fits(base_model)
+    return class_label
 
 
 def guide(model, discriminator, weight: float = GUIDANCE["weight"].default,
@@ -243,17 +255,8 @@ def guide(model, discriminator, weight: float = GUIDANCE["weight"].default,
     if start_percent > end_percent:
         raise OptionError(f"comfy-dg: start_percent ({start_percent}) is after end_percent ({end_percent}); the "
                           "window runs from start_percent (noisy) to end_percent (clean): swap them.")
-    info = getattr(discriminator, "info", None)
-    if class_name.strip():
-        if class_label >= 0:
-            raise OptionError("comfy-dg: give the class by class_label or by class_name, not both; set class_label "
-                              "to -1 or clear class_name.")
-        if not callable(getattr(info, "class_index", None)):
-            raise OptionError("comfy-dg: a class name needs one of the pack's discriminators (their files store "
-                              "the names); give class_label instead.")
-        class_label = options["class_label"] = info.class_index(class_name.strip())
     parameterization.check_supported(model.model.model_sampling)
-    check_discriminator(model.model, discriminator, class_label)
+    options["class_label"] = check_discriminator(model.model, discriminator, class_label, class_name)
     if getattr(discriminator, "tap_class", None) is not None:   # a features head: a gradient through the network
         refuse_dynamic_vram(model, "Discriminator Guidance with a features discriminator")
     patch = GuidancePatch(discriminator, options)

@@ -16,9 +16,10 @@ DEFAULT_SIGMA = 0.1
 
 
 def realism_scores(model_patcher, discriminator, latents, sigma=DEFAULT_SIGMA, draws=4, seed=0, class_label=-1,
-                   batch_size=64):
+                   batch_size=64, class_name=""):
     """log r per latent (N,), float32 on the CPU. `latents` (N, C, H, W) as samplers and VAE Encode return them;
-    σ is clipped to the model's range."""
+    σ is clipped to the model's range. A class-conditional discriminator judges against class_label, or the class
+    called class_name."""
     import comfy.model_management
 
     if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or len(latents) == 0:
@@ -31,7 +32,7 @@ def realism_scores(model_patcher, discriminator, latents, sigma=DEFAULT_SIGMA, d
     if latents.shape[1] != channels:
         raise DataError(f"comfy-dg: these latents have {latents.shape[1]} channels but the model's latent space has "
                         f"{channels}: rank latents of this model (or images with its VAE).")
-    check_discriminator(base, discriminator, class_label)
+    class_label = check_discriminator(base, discriminator, class_label, class_name)
     ms = base.model_sampling
     sigma = min(max(float(sigma), float(ms.sigma_min)), float(ms.sigma_max))
     device = torch.device(model_patcher.load_device)

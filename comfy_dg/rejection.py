@@ -46,7 +46,7 @@ class Counter:
 
 
 def sample_dg_rejection(model, x, sigmas, extra_args=None, callback=None, disable=None, discriminator=None,
-                        base="heun", quantile=0.9, max_retries=4, class_label=-1, counter=None):
+                        base="heun", quantile=0.9, max_retries=4, class_label=-1, class_name="", counter=None):
     """A k-diffusion-style sampler function (for comfy.samplers.KSAMPLER) with discriminator rejection."""
     extra_args = {} if extra_args is None else extra_args
     if extra_args.get("denoise_mask") is not None:
@@ -56,7 +56,7 @@ def sample_dg_rejection(model, x, sigmas, extra_args=None, callback=None, disabl
     base_model = model.inner_model.inner_model         # KSamplerX0Inpaint → guider → the BaseModel
     ms = base_model.model_sampling
     parameterization.check_supported(ms)               # re-noising assumes x = α·x0 + σ·ε, as guiding does
-    check_discriminator(base_model, discriminator, class_label)
+    class_label = check_discriminator(base_model, discriminator, class_label, class_name)
     if isinstance(discriminator, torch.nn.Module):
         with torch.inference_mode(False):
             discriminator.to(x.device)
@@ -143,9 +143,10 @@ def sample_dg_rejection(model, x, sigmas, extra_args=None, callback=None, disabl
     return x
 
 
-def dg_rejection_sampler(discriminator, base="heun", quantile=0.9, max_retries=4, *, class_label=-1,
+def dg_rejection_sampler(discriminator, base="heun", quantile=0.9, max_retries=4, *, class_label=-1, class_name="",
                          counter=None):
-    """A ComfyUI SAMPLER (for SamplerCustomAdvanced) that samples with discriminator rejection."""
+    """A ComfyUI SAMPLER (for SamplerCustomAdvanced) that samples with discriminator rejection; a class-conditional
+    discriminator judges against class_label, or the class called class_name."""
     import comfy.samplers
     if not 0.0 <= quantile <= 1.0 or math.isnan(quantile):
         raise OptionError(f"comfy-dg: quantile must be within 0..1, got {quantile}")
@@ -155,4 +156,4 @@ def dg_rejection_sampler(discriminator, base="heun", quantile=0.9, max_retries=4
         raise OptionError(f"comfy-dg: unknown base sampler {base!r} ({' or '.join(BASES)})")
     return comfy.samplers.KSAMPLER(sample_dg_rejection, extra_options={
         "discriminator": discriminator, "base": base, "quantile": quantile, "max_retries": max_retries,
-        "class_label": class_label, "counter": counter})
+        "class_label": class_label, "class_name": class_name, "counter": counter})

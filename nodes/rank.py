@@ -40,6 +40,9 @@ class RankByRealism(io.ComfyNode):
                              "latents' first channels)."),
                 widget(GUIDANCE["class_label"], optional=True,
                        tooltip="For a class-conditional discriminator: the class to judge against (-1: none)."),
+                widget(GUIDANCE["class_name"], optional=True,
+                       tooltip="For a class-conditional discriminator: the class to judge against by the name "
+                               "stored in the file, instead of class_label (empty: use class_label)."),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="The best k latents, best first."),
                      io.Image.Output(display_name="images", tooltip="The best k images, best first."),
@@ -49,7 +52,7 @@ class RankByRealism(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, discriminator, keep, sigma, draws, seed, latent=None, images=None, vae=None,
-                class_label=-1) -> io.NodeOutput:
+                class_label=-1, class_name="") -> io.NodeOutput:
         if (latent is None) == (images is None):
             raise DataError("comfy-dg: connect exactly one of 'latent' and 'images' to Rank by Realism (DG).")
         if images is not None:
@@ -62,7 +65,7 @@ class RankByRealism(io.ComfyNode):
             if images.ndim == 5:          # video VAEs return (B, T, H, W, C); show the first frame
                 images = images[:, 0]
         scores = realism_scores(model, discriminator, latents, sigma=sigma, draws=draws, seed=seed,
-                                class_label=class_label)
+                                class_label=class_label, class_name=class_name)
         order = keep_best(scores, len(scores))
         k = min(keep, len(order))
         best = order[:k]

@@ -62,11 +62,15 @@ class DGRejectionSampler(io.ComfyNode):
                                      "(bounds the cost; 0: no rejection, the plain sampler)."),
                 widget(GUIDANCE["class_label"], optional=True,
                        tooltip="For a class-conditional discriminator: the class to judge against (-1: none)."),
+                widget(GUIDANCE["class_name"], optional=True,
+                       tooltip="For a class-conditional discriminator: the class to judge against by the name "
+                               "stored in the file, instead of class_label (empty: use class_label)."),
             ],
             outputs=[io.Sampler.Output(tooltip="For SamplerCustomAdvanced's sampler input.")],
         )
 
     @classmethod
-    def execute(cls, discriminator, base, quantile, max_retries, class_label=-1) -> io.NodeOutput:
+    def execute(cls, discriminator, base, quantile, max_retries, class_label=-1, class_name="") -> io.NodeOutput:
         return io.NodeOutput(dg_rejection_sampler(discriminator, base=base, quantile=quantile,
-                                                  max_retries=max_retries, class_label=class_label))
+                                                  max_retries=max_retries, class_label=class_label,
+                                                  class_name=class_name))

@@ -34,11 +34,16 @@ def ksampler(model, sampler, batch=2, steps=4, cfg=3.0, seed=7):
 
 
 def custom_advanced(model, sampler, batch=2, steps=4, cfg=3.0, seed=7):
+    with torch.inference_mode():
+        return custom_advanced_with(model, ncs.KSamplerSelect.execute(sampler)[0], batch, steps, cfg, seed)
+
+
+def custom_advanced_with(model, sampler_obj, batch=2, steps=4, cfg=3.0, seed=7):
+    """SamplerCustomAdvanced with a SAMPLER object (the pack's samplers)."""
     pos, neg = empty_conditioning(model)
     latent = {"samples": torch.zeros(batch, 4, 8, 8)}
     with torch.inference_mode():
         guider = ncs.CFGGuider.execute(model, pos, neg, cfg)[0]
-        sampler_obj = ncs.KSamplerSelect.execute(sampler)[0]
         sigmas = ncs.BasicScheduler.execute(model, "normal", steps, 1.0)[0]
         noise = ncs.RandomNoise.execute(seed)[0]
         out = ncs.SamplerCustomAdvanced.execute(noise, guider, sampler_obj, sigmas, latent)[0]

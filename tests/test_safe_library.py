@@ -315,6 +315,21 @@ def test_class_names_are_stored_and_accepted_by_name(tmp_path, model):
         guide(model, loaded, class_label=5)
     with pytest.raises(OptionError, match="not both"):
         guide(model, loaded, class_label=1, class_name="c")
+    # Ranking and the rejection sampler take the class by name too, as the label it stands for.
+    from comfy_dg.ranking import realism_scores
+    from comfy_dg.rejection import dg_rejection_sampler
+    from builders import custom_advanced_with
+    latents = torch.randn(4, 4, 8, 8, generator=g)
+    assert torch.equal(realism_scores(model, loaded, latents, class_name="C"),
+                       realism_scores(model, loaded, latents, class_label=2))
+    assert not torch.equal(realism_scores(model, loaded, latents, class_label=2),
+                           realism_scores(model, loaded, latents, class_label=0))
+    with pytest.raises(OptionError, match="no class named 'd'"):
+        realism_scores(model, loaded, latents, class_name="d")
+    by_name = custom_advanced_with(model, dg_rejection_sampler(loaded, quantile=0.5, class_name="c"))
+    assert torch.equal(by_name, custom_advanced_with(model, dg_rejection_sampler(loaded, quantile=0.5, class_label=2)))
+    with pytest.raises(OptionError, match="not both"):
+        custom_advanced_with(model, dg_rejection_sampler(loaded, class_label=1, class_name="c"))
     # An unnamed discriminator's file carries no names (older versions read it as before).
     plain = Trainer(model, real, fake, TrainConfig(architecture="standalone", steps=1, batch_size=4, width=16),
                     real_labels=labels, fake_labels=labels).run()
