@@ -2,10 +2,9 @@ import torch
 from comfy_api.latest import io, ui
 
 from comfy_dg.errors import DataError
-from comfy_dg.options import GUIDANCE
 from comfy_dg.pictures import latent_preview, scored_grid
 from comfy_dg.ranking import DEFAULT_SIGMA, keep_best, realism_scores
-from .options import widget
+from .options import judged_class
 from .types import Discriminator
 
 
@@ -38,11 +37,7 @@ class RankByRealism(io.ComfyNode):
                 io.Vae.Input("vae", optional=True, tooltip="The model's VAE: needed to rank images (it encodes "
                              "them); with latents it decodes them for display (without it the node shows the "
                              "latents' first channels)."),
-                widget(GUIDANCE["class_label"], optional=True,
-                       tooltip="For a class-conditional discriminator: the class to judge against (-1: none)."),
-                widget(GUIDANCE["class_name"], optional=True,
-                       tooltip="For a class-conditional discriminator: the class to judge against by the name "
-                               "stored in the file, instead of class_label (empty: use class_label)."),
+                *judged_class(),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="The best k latents, best first."),
                      io.Image.Output(display_name="images", tooltip="The best k images, best first."),

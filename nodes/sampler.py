@@ -1,9 +1,8 @@
 from comfy_api.latest import io
 
-from comfy_dg.options import GUIDANCE
 from comfy_dg.rejection import BASES, dg_rejection_sampler
 from comfy_dg.sampling import sample_dg_heun_boosted
-from .options import widget
+from .options import judged_class
 from .types import Discriminator
 
 
@@ -60,11 +59,7 @@ class DGRejectionSampler(io.ComfyNode):
                 io.Int.Input("max_retries", default=4, min=0, max=100,
                              tooltip="Rejections of one sample at one step before its proposal is accepted anyway "
                                      "(bounds the cost; 0: no rejection, the plain sampler)."),
-                widget(GUIDANCE["class_label"], optional=True,
-                       tooltip="For a class-conditional discriminator: the class to judge against (-1: none)."),
-                widget(GUIDANCE["class_name"], optional=True,
-                       tooltip="For a class-conditional discriminator: the class to judge against by the name "
-                               "stored in the file, instead of class_label (empty: use class_label)."),
+                *judged_class(),
             ],
             outputs=[io.Sampler.Output(tooltip="For SamplerCustomAdvanced's sampler input.")],
         )
