@@ -16,6 +16,7 @@ ratios at that step (so about 1 − quantile of them pass for sure and the rest 
 sample is accepted anyway after `max_retries` rejections at one step, which bounds the cost; the last step (to
 σ = 0) is never judged. Each sample moves down the schedule at its own pace: the model is called with per-sample σ.
 """
+import logging
 import math
 
 import torch
@@ -26,6 +27,8 @@ from .errors import OptionError
 from .patch import bound, check_discriminator, runs_of
 
 BASES = ("heun", "euler")
+
+log = logging.getLogger("comfy_dg")
 
 
 def renoise(model_sampling, x, sigma_from, sigma_to, noise):
@@ -65,6 +68,10 @@ def sample_dg_rejection(model, x, sigmas, extra_args=None, callback=None, disabl
     sigmas = sigmas.to(x.device)
     counter = counter if counter is not None else Counter()
     counter.samples += batch
+    if batch == 1 and max_retries > 0 and n_steps > 1:
+        log.warning("comfy-dg: the DG rejection sampler sets each step's threshold M from the batch's own proposals; "
+                    "with a batch of 1 every proposal meets it, so nothing is rejected and this is plain %s. "
+                    "Sample a batch (8 or more) to let the discriminator reject.", base)
 
     def log_r(xs, s):
         counter.discriminator += len(xs)

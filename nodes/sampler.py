@@ -55,7 +55,8 @@ class DGRejectionSampler(io.ComfyNode):
                 io.Float.Input("quantile", default=0.9, min=0.0, max=1.0, step=0.01,
                                tooltip="M at each step is this quantile of the batch's first ratios r(x')/r(x): "
                                        "about 1 − quantile of first proposals pass for sure, the others with "
-                                       "probability ratio / M. Lower accepts more."),
+                                       "probability ratio / M. Lower accepts more. It needs a batch: with a "
+                                       "batch of 1 nothing is rejected."),
                 io.Int.Input("max_retries", default=4, min=0, max=100,
                              tooltip="Rejections of one sample at one step before its proposal is accepted anyway "
                                      "(bounds the cost; 0: no rejection, the plain sampler)."),

@@ -113,3 +113,12 @@ def test_a_guided_model_gets_w_and_w2_on_the_right_evaluations(w2, caplog):
     assert not torch.equal(same, run(guide(tiny_model("EPS", seed=0), standalone(), weight=2.0,
                                            intermediate_weight=2.0), comfy.samplers.ksampler("heun")))
     assert "cannot tell" not in caplog.text
+
+
+def test_a_batch_of_one_is_plain_sampling_and_the_log_says_so(caplog):
+    """M comes from the batch's own first proposals, so one sample always meets it: the sampler says so."""
+    m = tiny_model("EPS", seed=0)
+    with caplog.at_level("WARNING"):
+        one = run(m, dg_rejection_sampler(HatesPositiveMean(), base="euler", quantile=0.5), batch=1)
+    assert torch.equal(one, run(m, comfy.samplers.ksampler("euler"), batch=1))
+    assert "batch of 1" in caplog.text
