@@ -122,3 +122,47 @@ def test_a_batch_of_one_is_plain_sampling_and_the_log_says_so(caplog):
         one = run(m, dg_rejection_sampler(HatesPositiveMean(), base="euler", quantile=0.5), batch=1)
     assert torch.equal(one, run(m, comfy.samplers.ksampler("euler"), batch=1))
     assert "batch of 1" in caplog.text
+
+
+class Negated(torch.nn.Module):
+    def __init__(self, ratio):
+        super().__init__()
+        self.ratio = ratio
+
+    def forward(self, x_in, sigma):
+        return -self.ratio(x_in, sigma)
+
+
+def test_with_the_exact_ratio_the_samples_move_toward_the_data():
+    """Theorem 1's setting (analytic.py: the model is a wrong Gaussian mixture with its exact denoiser, the
+    discriminator the exact log p_data,σ/p_model,σ). DiffRS's rule with the true ratio moves the samples' mixture
+    proportions from the model's toward the data's and raises their likelihood under the data; the same ratio
+    negated moves them away (the direction is the rule's, not chance's)."""
+    from comfy.k_diffusion.sampling import sample_heun
+    from analytic import DATA, SHAPE, ExactRatio, analytic_model
+    from official import exact_sampler, karras
+    from comfy_dg.rejection import sample_dg_rejection
+
+    def sample(fn, judge=None, **options):
+        m = analytic_model("EDM")
+        if judge is not None:
+            options["discriminator"] = judge(ExactRatio(m.model.model_sampling, "EDM"))
+        guider = comfy.samplers.CFGGuider(m)
+        guider.set_conds(*empty_conditioning(m))
+        guider.set_cfg(1.0)
+        sampler, result = exact_sampler(fn, torch.float64, **options)
+        z = torch.randn(512, *SHAPE, generator=torch.Generator().manual_seed(0)).double()
+        with torch.inference_mode():
+            guider.sample(z, torch.zeros_like(z), sampler, karras(), disable_pbar=True, seed=0)
+        x = result[0].flatten(1)
+        s = torch.full((len(x),), 1e-3, dtype=torch.float64)
+        logp, _, _ = DATA._components(x, s, torch.ones_like(s))
+        proportions = torch.softmax(logp, 1).mean(0)
+        return float((proportions - DATA.weights).abs().sum() / 2), float(torch.logsumexp(logp, 1).mean())
+
+    plain_tv, plain_ll = sample(sample_heun)
+    tv, ll = sample(sample_dg_rejection, judge=lambda r: r, quantile=0.9, max_retries=4)
+    away_tv, away_ll = sample(sample_dg_rejection, judge=Negated, quantile=0.9, max_retries=4)
+    assert plain_tv > 0.2, "the model's proportions are already the data's: the test could not fail"
+    assert tv < 0.7 * plain_tv and ll > plain_ll + 2.0, (plain_tv, tv, plain_ll, ll)
+    assert away_tv > plain_tv and away_ll < plain_ll, (plain_tv, away_tv, plain_ll, away_ll)
