@@ -10,6 +10,7 @@ Model families and networks are the pack's own names (identity.py), never ComfyU
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import stat
 import struct
@@ -156,10 +157,7 @@ def _read_tensor(f, path, name, entry, data_start):
     """One tensor, read from the open file at the offsets its (checked) header entry gives."""
     dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
     start, end = entry["data_offsets"]
-    count = 1
-    for d in shape:
-        count *= d
-    need = count * torch.empty((), dtype=dtype).element_size()
+    need = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if end - start != need:
         raise DiscriminatorFileError(path, f"comfy-dg could not read its tensors (tensor '{name}' holds {end - start} "
                                      f"bytes but a {entry['dtype']} tensor of shape {shape} needs {need})",

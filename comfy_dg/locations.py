@@ -83,6 +83,11 @@ def file_kind(mode: int) -> str:
     return "not a regular file"
 
 
+def _control_characters(name: str) -> str:
+    """The control characters in `name`, as 'U+0009, U+000A' (empty: none)."""
+    return ", ".join(sorted({f"U+{ord(c):04X}" for c in name if ord(c) < 32 or ord(c) == 127}))
+
+
 def _name_max(folder: str) -> int:
     try:
         return os.pathconf(folder, "PC_NAME_MAX")
@@ -98,9 +103,9 @@ def discriminator_name(filename: str, folder: str) -> str:
     if not name or "/" in name or "\\" in name or name.startswith(".") or os.path.isabs(name) or name in ("..",):
         raise LocationError(f"comfy-dg: {filename!r} is not a plain file name; give a name such as 'my_model_dg' "
                             f"(it is saved in {where}).")
-    bad = sorted({f"U+{ord(c):04X}" for c in name if ord(c) < 32 or ord(c) == 127})
+    bad = _control_characters(name)
     if bad:
-        raise LocationError(f"comfy-dg: the file name {filename!r} holds control characters ({', '.join(bad)}); "
+        raise LocationError(f"comfy-dg: the file name {filename!r} holds control characters ({bad}); "
                             "use letters, digits, spaces, '-' and '_'.")
     if not name.lower().endswith(SUFFIX):
         name += SUFFIX
@@ -126,9 +131,9 @@ def check_output_path(path: str, longest_suffix: str = SUFFIX):
     """For the command line's --out: no control characters, short enough for the file system with the longest
     suffix the run writes beside it, and a writable folder."""
     base = os.path.basename(path)
-    bad = sorted({f"U+{ord(c):04X}" for c in base if ord(c) < 32 or ord(c) == 127})
+    bad = _control_characters(base)
     if bad:
-        raise LocationError(f"comfy-dg: the file name {base!r} holds control characters ({', '.join(bad)})")
+        raise LocationError(f"comfy-dg: the file name {base!r} holds control characters ({bad})")
     folder = os.path.dirname(os.path.abspath(path))
     longest = len(os.fsencode(base[:-len(SUFFIX)] + longest_suffix))
     limit = _name_max(folder if os.path.isdir(folder) else ".")

@@ -219,7 +219,6 @@ def check_discriminator(base_model, discriminator, class_label, class_name=""):
         raise OptionError(f"comfy-dg: class_label {class_label} was given but the discriminator is not "
                           "class-conditional; set class_label to -1.")
     if class_label >= classes > 0:
-        info = discriminator.info
         known = info.describe_classes() if callable(getattr(info, "describe_classes", None)) \
             else f"classes 0..{classes - 1}"
         raise OptionError(f"comfy-dg: class_label {class_label} is out of range: the discriminator knows {known}.")

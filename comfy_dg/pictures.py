@@ -25,9 +25,14 @@ def rgb(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
+def _uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, H, W, 3) uint8 from a ComfyUI IMAGE in [0, 1] of 3, 4 or 1 channels (rgb)."""
+    return (rgb(images).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
 def tile(images: torch.Tensor, columns: int = 0, pad: int = 2) -> np.ndarray:
     """(B, H, W, C) in [0, 1], C = 3, 4 or 1 → one uint8 RGB grid (rows × columns), white padding."""
-    imgs = (rgb(images).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    imgs = _uint8(images)
     b, h, w, _ = imgs.shape
     cols = columns or math.ceil(math.sqrt(b))
     rows = math.ceil(b / cols)
@@ -56,17 +61,17 @@ def side_by_side(panels, columns: int = 0) -> np.ndarray:
 
 
 def scored_grid(images: torch.Tensor, scores, kept: int, columns: int = 0, min_cell: int = 64) -> np.ndarray:
-    """Images (B, H, W, 3) in [0, 1], already sorted best first, each with its score written under it; the first
-    `kept` framed in green, the rest dimmed. One uint8 picture."""
+    """Images (B, H, W, C) in [0, 1], C = 3, 4 or 1, already sorted best first, each with its score written under
+    it; the first `kept` framed in green, the rest dimmed. One uint8 picture."""
     from PIL import Image, ImageDraw
-    b, h, w, _ = images.shape
+    pixels = _uint8(images)
+    b, h, w, _ = pixels.shape
     scale = max(1, -(-min_cell // max(1, min(h, w))))        # small images (latent-size digits) are enlarged
     cols = columns or math.ceil(math.sqrt(b))
     rows = math.ceil(b / cols)
     cw, ch, pad, text_h = w * scale, h * scale, 4, 14
     canvas = Image.new("RGB", (cols * (cw + pad) + pad, rows * (ch + text_h + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    pixels = (images.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
     for k in range(b):
         r, c = divmod(k, cols)
         x, y = pad + c * (cw + pad), pad + r * (ch + text_h + pad)

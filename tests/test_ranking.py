@@ -1,4 +1,5 @@
 """Rank by realism: scores are the discriminator's log r at one σ, averaged over seeded noise draws."""
+import numpy as np
 import pytest
 import torch
 
@@ -70,3 +71,9 @@ def test_scored_grid_and_latent_preview():
     grid = scored_grid(pictures, [1.5, 0.2, -3.0], kept=2)
     # Two columns of 64-pixel cells (8×8 images enlarged), two rows with their captions.
     assert grid.dtype.name == "uint8" and grid.shape[1] > 2 * 64 and grid.shape[0] > 2 * (64 + 14)
+    # RGBA (as Join Image with Alpha makes) and grey images are shown as the Comparison Grid shows them: opaque
+    # RGBA exactly as its RGB, grey as its three equal channels.
+    opaque = torch.cat([pictures, torch.ones(3, 8, 8, 1)], dim=-1)
+    assert np.array_equal(scored_grid(opaque, [1.5, 0.2, -3.0], kept=2), grid)
+    assert np.array_equal(scored_grid(pictures[..., :1], [1.5, 0.2, -3.0], kept=2),
+                          scored_grid(pictures[..., :1].expand(-1, -1, -1, 3), [1.5, 0.2, -3.0], kept=2))

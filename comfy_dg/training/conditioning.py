@@ -4,17 +4,17 @@ import torch
 
 from ..errors import TrainingError
 from ..taps import find_tap
-from .loop import NEGATIVE_NEEDS_FEATURES
 
 # What ComfyUI's samplers turn a CONDITIONING entry into, besides the prompt: these change the forward itself.
 _UNSUPPORTED = ("area", "mask", "control", "hooks", "gligen", "start_percent", "end_percent")
 
 
 def check_negative_architecture(architecture: str):
-    """A negative prompt to train under is for the features architecture only (the node and the command line
-    both refuse it otherwise, rather than ignore it)."""
+    """A negative prompt to train under is for the features architecture only (the node and the trainer both
+    refuse it otherwise, rather than ignore it)."""
     if architecture != "features":
-        raise TrainingError(NEGATIVE_NEEDS_FEATURES)
+        raise TrainingError("comfy-dg: a negative prompt to train under is for the features architecture; leave it "
+                            "unconnected for a standalone discriminator.")
 
 
 def negative_conditioning(model_patcher, conditioning, latent_shape):

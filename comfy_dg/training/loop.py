@@ -25,10 +25,9 @@ from ..taps import find_tap
 from ..tensors import frozen
 from . import noise, objectives
 from .augment import LatentAugment
+from .conditioning import check_negative_architecture
 
-
-NEGATIVE_NEEDS_FEATURES = ("comfy-dg: a negative prompt to train under is for the features architecture; leave it "
-                           "unconnected for a standalone discriminator.")
+log = logging.getLogger("comfy_dg")
 
 
 def _validate(config):
@@ -103,8 +102,8 @@ class Trainer:
         # features only: (context, y) to take the features under (conditioning.negative_conditioning); None:
         # prompt-independent features.
         self.conditioning = conditioning
-        if conditioning is not None and config.architecture != "features":
-            raise TrainingError(NEGATIVE_NEEDS_FEATURES)
+        if conditioning is not None:
+            check_negative_architecture(config.architecture)
         self.rank, self.world = rank, world_size
         channels = identity.latent_channels(self.model)
         _check_latents("real", real, channels)
@@ -390,7 +389,7 @@ class Trainer:
             "config": dataclasses.asdict(self.config), "processes": self.world, "num_classes": self.num_classes})
         note = untrained_warning(disc.info.training)
         if note:
-            logging.warning(note)
+            log.warning(note)
         return disc
 
     # --- resumable state ----------------------------------------------------------------------------

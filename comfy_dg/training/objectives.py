@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .. import parameterization
 
+
 def bce(logit, labels, reduction="mean"):
     """The paper's loss: binary cross-entropy of the logit log(d/(1−d)), real = 1."""
     return F.binary_cross_entropy_with_logits(logit, labels, reduction=reduction)
