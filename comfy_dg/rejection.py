@@ -32,10 +32,11 @@ log = logging.getLogger("comfy_dg")
 
 
 def renoise(model_sampling, x, sigma_from, sigma_to, noise):
-    """x at σ_from noised forward to σ_to > σ_from (per sample), as x = α·x0 + σ·ε noises."""
+    """x at σ_from noised forward to σ_to > σ_from (per sample), as x = α·x0 + σ·ε noises. α is the model's own,
+    unfloored (guiding's floor is for dividing by α; here α(σ_from) > α(σ_to) ≥ 0)."""
     shape = (-1,) + (1,) * (x.ndim - 1)
-    a_from = parameterization.alpha(model_sampling, sigma_from).reshape(shape)
-    a_to = parameterization.alpha(model_sampling, sigma_to).reshape(shape)
+    a_from = parameterization.alpha(model_sampling, sigma_from, floor=0.0).reshape(shape)
+    a_to = parameterization.alpha(model_sampling, sigma_to, floor=0.0).reshape(shape)
     ratio = a_to / a_from
     std = (sigma_to.reshape(shape) ** 2 - (ratio * sigma_from.reshape(shape)) ** 2).clamp_min(0).sqrt()
     return ratio * x + std * noise

@@ -75,6 +75,11 @@ def test_renoise_follows_the_models_forward_process():
     noise = x_to - 0.4 * x0
     expected = (0.4 / 0.7) * 0.3 * e1 + (0.6 ** 2 - (0.4 / 0.7 * 0.3) ** 2) ** 0.5 * e2
     torch.testing.assert_close(noise, expected)
+    # Near σ = 1, where α = 1 − σ is below guiding's floor (parameterization.ALPHA_MIN): still the exact process.
+    s_top = torch.full((4,), 0.97, dtype=torch.float64)
+    x_top = renoise(ms, x_from, s_from, s_top, e2)
+    expected = (0.03 / 0.7) * 0.3 * e1 + (0.97 ** 2 - (0.03 / 0.7 * 0.3) ** 2) ** 0.5 * e2
+    torch.testing.assert_close(x_top - 0.03 * x0, expected)
 
 
 def test_bad_settings_and_inpainting_are_refused():
