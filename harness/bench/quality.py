@@ -69,16 +69,26 @@ def percent_for_sigma(model_sampling, sigma):
 
 
 def sample(model, n, seed, sampler, steps, batch=500):
+    """n digits of `model` (cfg 1, karras, the same noise per seed), `sampler` a sampler name (KSampler's path) or
+    a SAMPLER object (SamplerCustomAdvanced's path, e.g. the rejection sampler's)."""
     import comfy.sample
+    import comfy.samplers
     from harness.tiny import empty_conditioning
     pos, neg = empty_conditioning(model)
+    sigmas = None if isinstance(sampler, str) else \
+        comfy.samplers.calculate_sigmas(model.model.model_sampling, "karras", steps)
     out = []
     for i in range(0, n, batch):
         b = min(batch, n - i)
         noise = torch.randn(b, 1, 8, 8, generator=torch.Generator().manual_seed(seed * 100003 + i))
+        latent = torch.zeros(b, 1, 8, 8)
         with torch.inference_mode():
-            out.append(comfy.sample.sample(model, noise, steps, 1.0, sampler, "karras", pos, neg,
-                                           torch.zeros(b, 1, 8, 8), seed=seed, disable_pbar=True))
+            if sigmas is None:
+                out.append(comfy.sample.sample(model, noise, steps, 1.0, sampler, "karras", pos, neg, latent,
+                                               seed=seed, disable_pbar=True))
+            else:
+                out.append(comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, pos, neg, latent,
+                                                      seed=seed, disable_pbar=True))
     return torch.cat(out).clamp(-1, 1)
 
 

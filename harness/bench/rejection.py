@@ -22,23 +22,6 @@ from .levers import SELECTION_SEED, halves
 from .quality import Phase, add_pipeline_arguments, config_key, disc_config, log, prepare, sample, train_discriminator
 
 
-def sample_custom(model, sampler, n, seed, steps, batch=500):
-    """Like quality.sample (same noise per seed), through comfy.sample.sample_custom with a SAMPLER object."""
-    import comfy.sample
-    import comfy.samplers
-    from harness.tiny import empty_conditioning
-    pos, neg = empty_conditioning(model)
-    sigmas = comfy.samplers.calculate_sigmas(model.model.model_sampling, "karras", steps)
-    out = []
-    for i in range(0, n, batch):
-        b = min(batch, n - i)
-        noise = torch.randn(b, 1, 8, 8, generator=torch.Generator().manual_seed(seed * 100003 + i))
-        with torch.inference_mode():
-            out.append(comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, pos, neg,
-                                                  torch.zeros(b, 1, 8, 8), seed=seed, disable_pbar=True))
-    return torch.cat(out).clamp(-1, 1)
-
-
 def main(argv=None):
     from comfy_dg.comfy_env import ensure_comfyui
     ensure_comfyui()
@@ -71,8 +54,8 @@ def main(argv=None):
         counter = Counter()
 
         def compute():
-            x = sample_custom(sampled, dg_rejection_sampler(disc, "heun", q, a.max_retries, counter=counter),
-                              a.samples, seed, a.steps)
+            x = sample(sampled, a.samples, seed, dg_rejection_sampler(disc, "heun", q, a.max_retries,
+                                                                      counter=counter), a.steps)
             return {"x": x, "cost": torch.tensor([counter.model, counter.discriminator, counter.rejections],
                                                  dtype=torch.float64) / counter.samples}
         name = f"samples_{tag}_rejection{key}{guided}_q{q:g}_r{a.max_retries}_heun{a.steps}_s{seed}_n{a.samples}"
